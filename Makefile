@@ -1,0 +1,29 @@
+# One venv per checkout; every target installs what it needs through pyproject.toml.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS ?= test,tfds
+
+.PHONY: install test lint bench demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
+
+test:
+	$(BIN)/python -m pytest tests
+
+lint:
+	$(BIN)/ruff check cljax tests bench experiments
+	$(BIN)/ruff format --check cljax tests bench experiments
+
+bench:
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/optim.py
+	$(BIN)/python bench/data.py
+
+demo:
+	$(BIN)/python -m cljax.models.generate --demo

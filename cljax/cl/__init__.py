@@ -1,0 +1,1 @@
+"""The continual loop: methods, training, evaluation, metrics, checkpoints."""

@@ -1,0 +1,1 @@
+"""The continual-learning benchmark: task registry, prompts, sources and token batches."""

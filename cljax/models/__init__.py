@@ -1,0 +1,1 @@
+"""Flax NNX models (LLaMA, T5), LoRA adapters, HF conversion and generation."""

@@ -1,0 +1,189 @@
+"""Building blocks shared by the Flax NNX models: parameters with logical axis names,
+stacked (scanned) dense layers, RMS norm, embeddings, and the dtype policy.
+
+Every parameter carries *logical* axis names (``embed``, ``heads``, ``kv``, ``mlp``,
+``vocab``, ``layers``) in its metadata; ``cljax.parallel`` maps them onto mesh axes.
+Transformer blocks are stored stacked along a leading ``layers`` axis: a stacked
+``Linear`` holds a kernel of shape ``(num_layers, d_in, d_out)`` and is applied one
+slice at a time inside ``scan_layers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LogicalAxes = tuple[str | None, ...]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def as_dtype(name: str | Any) -> Any:
+    """A jnp dtype from a name ("float32", "bfloat16", "float16") or a dtype."""
+    if isinstance(name, str):
+        if name not in _DTYPES:
+            raise ValueError(f"unknown dtype {name!r}; valid: {sorted(_DTYPES)}")
+        return _DTYPES[name]
+    return name
+
+
+@dataclasses.dataclass(frozen=True)
+class DTypePolicy:
+    """Parameter storage dtype and matmul compute dtype. Norms and softmax always run in
+    float32 whatever the policy (bf16 reductions lose too much)."""
+
+    param_dtype: str = "float32"
+    compute_dtype: str = "float32"
+
+    @property
+    def param(self) -> Any:
+        return as_dtype(self.param_dtype)
+
+    @property
+    def compute(self) -> Any:
+        return as_dtype(self.compute_dtype)
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """An ``nnx.Param`` annotated with logical axis names, one per dimension.
+
+    Eager sharding is off: the annotation is only metadata until ``cljax.parallel``
+    shards the state over a mesh, so models can be built without a mesh.
+    """
+    axes = tuple(axes)
+    if len(axes) != value.ndim:
+        raise ValueError(f"{len(axes)} axis names {axes} for a parameter of shape {value.shape}")
+    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+
+
+def logical_axes(variable: nnx.Variable) -> LogicalAxes | None:
+    """The logical axis names of a variable, across Flax versions' metadata keys."""
+    meta = variable.get_metadata()
+    for key in ("sharding_names", "out_sharding", "sharding"):
+        if meta.get(key) is not None:
+            return tuple(meta[key])
+    return None
+
+
+def normal_init(key: jax.Array, shape: Sequence[int], std: float, dtype: Any) -> jax.Array:
+    return (std * jax.random.normal(key, tuple(shape), jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """A dense layer ``y = x @ kernel`` (kernel ``(d_in, d_out)``, Flax orientation: the
+    transpose of PyTorch's ``nn.Linear.weight``), optionally stacked over layers.
+
+    ``stack=(L,)`` stores the kernel as ``(L, d_in, d_out)`` with a leading ``layers``
+    axis; inside ``scan_layers`` each step sees one ``(d_in, d_out)`` slice.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: tuple[str | None, str | None],
+        rngs: nnx.Rngs,
+        stack: tuple[int, ...] = (),
+        use_bias: bool = False,
+        init_std: float = 0.02,
+        policy: DTypePolicy = DTypePolicy(),
+    ):
+        self.in_features = in_features
+        self.out_features = out_features
+        self.policy = policy
+        stack_axes = ("layers",) * len(stack)
+        shape = (*stack, in_features, out_features)
+        self.kernel = param(
+            normal_init(rngs.params(), shape, init_std, policy.param), (*stack_axes, *axes)
+        )
+        self.bias = (
+            param(jnp.zeros((*stack, out_features), policy.param), (*stack_axes, axes[1]))
+            if use_bias
+            else None
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., d_in) -> (..., d_out) in the compute dtype."""
+        compute = self.policy.compute
+        y = jnp.matmul(x.astype(compute), self.kernel[...].astype(compute))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(compute)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """RMS norm without mean subtraction, computed in float32: ``x / rms(x) * scale``."""
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        eps: float,
+        stack: tuple[int, ...] = (),
+        policy: DTypePolicy = DTypePolicy(),
+    ):
+        self.eps = eps
+        self.scale = param(
+            jnp.ones((*stack, dim), policy.param), (*("layers",) * len(stack), "embed")
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: (..., dim) -> float32 (..., dim); callers cast to the compute dtype."""
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        return x32 * jax.lax.rsqrt(variance + self.eps) * self.scale[...].astype(jnp.float32)
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``(vocab, embed)``; ``attend`` gives tied output logits."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        dim: int,
+        *,
+        rngs: nnx.Rngs,
+        init_std: float = 0.02,
+        policy: DTypePolicy = DTypePolicy(),
+    ):
+        self.policy = policy
+        self.embedding = param(
+            normal_init(rngs.params(), (vocab_size, dim), init_std, policy.param),
+            ("vocab", "embed"),
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        """ids: (...) int -> (..., dim) in the compute dtype."""
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.policy.compute)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """x: (..., dim) -> logits (..., vocab) with the tied table."""
+        compute = self.policy.compute
+        return jnp.matmul(x.astype(compute), self.embedding[...].astype(compute).T)
+
+
+def scan_layers(
+    stacked: nnx.Module,
+    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    carry: Any,
+    xs: Any = None,
+) -> tuple[Any, Any]:
+    """Run ``body(layer, carry, x) -> (carry, y)`` over the leading ``layers`` axis of
+    every array in ``stacked`` (and of ``xs``), as one ``jax.lax.scan``.
+
+    ``layer`` is the module rebuilt from one slice of the stacked state, so the body
+    is written as if for a single transformer block. Returns ``(carry, stacked ys)``.
+    """
+    graphdef, state = nnx.split(stacked)
+
+    def step(c, slices):
+        layer_state, x = slices
+        return body(nnx.merge(graphdef, layer_state), c, x)
+
+    return jax.lax.scan(step, carry, (state, xs))

@@ -1,0 +1,1 @@
+"""Continual-learning optimizers as optax transforms: OSF, GaLore, GORP, regularizers."""
