@@ -58,13 +58,13 @@ def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
     axes = tuple(axes)
     if len(axes) != value.ndim:
         raise ValueError(f"{len(axes)} axis names {axes} for a parameter of shape {value.shape}")
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 def logical_axes(variable: nnx.Variable) -> LogicalAxes | None:
     """The logical axis names of a variable, across Flax versions' metadata keys."""
     meta = variable.get_metadata()
-    for key in ("sharding_names", "out_sharding", "sharding"):
+    for key in ("out_sharding", "sharding_names", "sharding"):
         if meta.get(key) is not None:
             return tuple(meta[key])
     return None
