@@ -1,0 +1,53 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cljax import parallel
+from cljax.cl.checkpoint import RunCheckpointer
+
+
+def _state(scale: float) -> dict:
+    return {
+        "model": {"w": jnp.full((8, 4), scale, jnp.float32), "b": jnp.arange(4.0) * scale},
+        "opt": {"count": jnp.asarray(int(scale), jnp.int32), "mu": jnp.ones((8, 4), jnp.bfloat16)},
+    }
+
+
+def test_save_restore_roundtrip_keeps_values_dtypes_and_record(tmp_path):
+    record = {"task": 1, "step_in_task": 7, "accuracy": [[50.0, None], [40.0, 60.0]]}
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        ckpt.save(3, _state(1.0), {"task": 0})
+        ckpt.save(10, _state(2.0), record)
+        assert ckpt.latest_step() == 10
+        state, got_record = ckpt.restore(_state(0.0))
+    assert got_record == record
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state, _state(2.0)
+    )
+    assert state["opt"]["mu"].dtype == jnp.bfloat16
+    # A new manager on the same directory (a restarted run) finds the same checkpoint.
+    with RunCheckpointer(tmp_path / "ckpt") as again:
+        state3, rec3 = again.restore(_state(0.0), step=3)
+    assert rec3 == {"task": 0}
+    np.testing.assert_array_equal(np.asarray(state3["model"]["w"]), 1.0)
+
+
+def test_restore_keeps_the_sharding_of_the_live_state(tmp_path):
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    mesh = parallel.make_mesh({"data": 8})
+    sharding = parallel.batch_sharding(mesh)
+    live = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4), sharding)}
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, live, {})
+        restored, _ = ckpt.restore(live)
+    assert restored["w"].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.asarray(live["w"]))
+
+
+def test_restore_without_checkpoint_names_the_directory(tmp_path):
+    with RunCheckpointer(tmp_path / "empty") as ckpt:
+        with pytest.raises(FileNotFoundError, match="empty"):
+            ckpt.restore(_state(0.0))
