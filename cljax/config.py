@@ -1,0 +1,217 @@
+"""Run configuration: nested dataclasses whose every field is documented, loaded from
+a Python file (``get_config() -> Config``, big_vision style) and overridden from the
+command line with dotted ``key=value`` pairs.
+
+Unknown keys are rejected with the list of valid ones, and values are checked against
+the field's type, so a typo fails at start-up rather than after an hour of training.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import dataclasses
+import importlib.util
+import json
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def field(default: Any, doc: str) -> Any:
+    """A dataclass field with a documentation string (shown by ``describe``)."""
+    if isinstance(default, dict | list):
+        return dataclasses.field(
+            default_factory=lambda: type(default)(default), metadata={"doc": doc}
+        )
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    family: str = field("llama", "model family: 'llama' (decoder-only) or 't5' (encoder-decoder)")
+    preset: str = field("tiny", "shape preset of the family (e.g. tiny, llama-2-7b, t5-large)")
+    checkpoint: str = field("", "Hugging Face checkpoint directory; empty = random init")
+    overrides: dict = field({}, "preset fields replaced, e.g. {'hidden_size': 128}")
+    param_dtype: str = field("float32", "parameter storage dtype: float32 | bfloat16")
+    compute_dtype: str = field("float32", "matmul dtype: float32 | bfloat16")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = field("synthetic", "'synthetic' (built in), 'json' (benchmark dir) or 'tfds'")
+    data_dir: str = field("", "benchmark root for json/tfds; empty = $CLJAX_DATA_DIR")
+    order: str = field("synthetic", "an order name (order1..order6) or comma-separated tasks")
+    tokenizer: str = field("byte", "'byte' (built in) or a Hugging Face tokenizer directory")
+    train_per_class: int = field(0, "training examples kept per class (0 = all), seeded")
+    test_per_class: int = field(0, "test examples kept per class (0 = all), seeded")
+    heldout_per_class: int = field(0, "test items carved from train when a test split is missing")
+    max_source_length: int = field(512, "prompt tokens kept (the trailing 'Answer:' always kept)")
+    max_target_length: int = field(50, "label tokens kept")
+    task_prefix: bool = field(True, "prefix prompts with 'Task:' and 'Dataset:' lines")
+    synthetic_train_size: int = field(512, "training examples per synthetic task")
+    synthetic_test_size: int = field(128, "test examples per synthetic task")
+    seed: int = field(42, "seed of subsampling, held-out splits and shuffling")
+
+
+@dataclasses.dataclass
+class MethodConfig:
+    name: str = field("seqft", "continual method (see cljax.cl.methods.METHODS)")
+    options: dict = field({}, "method hyperparameters overriding its defaults")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    epochs: int = field(1, "epochs per task")
+    max_steps_per_task: int = field(0, "stop a task after this many optimizer steps (0 = no cap)")
+    batch_size: int = field(8, "examples per micro-batch (global, over all devices)")
+    grad_accum_steps: int = field(1, "micro-batches per optimizer step")
+    learning_rate: float = field(1e-3, "peak learning rate")
+    schedule: str = field("constant", "learning-rate schedule: constant | linear | cosine")
+    warmup_steps: int = field(0, "linear warm-up steps at the start of each task")
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
+    clip_norm: float = field(1.0, "global gradient-norm clip (0 = off)")
+    seed: int = field(42, "seed of initialisation and dropout")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    mode: str = field("generate", "'generate' (greedy + exact match) or 'rank' (option scoring)")
+    batch_size: int = field(32, "evaluation batch size")
+    max_new_tokens: int = field(50, "greedy decoding budget")
+    all_tasks: bool = field(True, "evaluate unseen tasks too (gives forward transfer)")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = field("run", "run name (used in the output directory)")
+    out_dir: str = field("runs", "parent of the run directory")
+    checkpoint_every_steps: int = field(100, "save a mid-task checkpoint every N steps (0 = off)")
+    mesh: dict = field({}, "mesh axis sizes, e.g. {'data': -1} (default: data parallel)")
+    progress: bool = field(True, "show a progress bar")
+
+
+@dataclasses.dataclass
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def describe(cfg: Any = None, prefix: str = "") -> list[str]:
+    """``key (type, default): doc`` lines for every field, dotted."""
+    cfg = Config() if cfg is None else cfg
+    lines = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe(value, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {value!r}: {f.metadata.get('doc', '')}")
+    return lines
+
+
+def load_config(path: str | Path) -> Config:
+    """Run ``get_config()`` of a Python config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"config file {path} defines no get_config()")
+    cfg = module.get_config()
+    if not isinstance(cfg, Config):
+        raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+    return cfg
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word such as seqft or float32
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    hint = annotation
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        return str(value)
+    if hint in (int, float, bool, dict, str) and not isinstance(value, hint):
+        raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, bool):
+        raise ValueError(f"config key {key!r} expects int, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` (or ``section.dictfield.key=value``) overrides.
+
+    Values are Python literals (``1e-4``, ``True``, ``{'data': 8}``) or bare strings.
+    Returns a new Config; ``cfg`` is not changed.
+    """
+    cfg = copy.deepcopy(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        node: Any = cfg
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(node, dict):
+                if last:
+                    node[part] = _parse_value(text)
+                else:
+                    node = node.setdefault(part, {})
+                continue
+            names = {f.name: f for f in dataclasses.fields(node)}
+            if part not in names:
+                where = ".".join(parts[:depth]) or "the config"
+                raise KeyError(f"unknown config key {key!r}: {where} has {sorted(names)}")
+            if last:
+                if dataclasses.is_dataclass(getattr(node, part)):
+                    raise KeyError(f"config key {key!r} is a section; set one of its fields")
+                hints = typing.get_type_hints(type(node))
+                setattr(node, part, _coerce(_parse_value(text), hints[part], key))
+            else:
+                node = getattr(node, part)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. a run's saved config.json),
+    rejecting unknown sections or keys."""
+    sections = {}
+    for f in dataclasses.fields(Config):
+        section_cls = type(getattr(Config(), f.name))
+        values = dict(data.get(f.name, {}))
+        valid = {g.name for g in dataclasses.fields(section_cls)}
+        unknown = set(values) - valid
+        if unknown:
+            raise KeyError(
+                f"unknown keys {sorted(unknown)} in section {f.name!r}; valid: {sorted(valid)}"
+            )
+        sections[f.name] = section_cls(**values)
+    unknown_sections = set(data) - {f.name for f in dataclasses.fields(Config)}
+    if unknown_sections:
+        raise KeyError(f"unknown config sections {sorted(unknown_sections)}")
+    return Config(**sections)

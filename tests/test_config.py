@@ -1,0 +1,59 @@
+import pytest
+
+from cljax import config as cfgmod
+
+
+def test_overrides_set_typed_values_and_dict_entries():
+    base = cfgmod.Config()
+    cfg = cfgmod.apply_overrides(
+        base,
+        [
+            "train.learning_rate=1e-4",
+            "train.epochs=3",
+            "method.name=osf",
+            "method.options.rank_fraction=0.25",
+            "run.mesh={'data': 8}",
+            "train.learning_rate=2",
+        ],
+    )
+    assert cfg.train.learning_rate == 2.0 and isinstance(cfg.train.learning_rate, float)
+    assert cfg.train.epochs == 3
+    assert cfg.method.name == "osf"
+    assert cfg.method.options == {"rank_fraction": 0.25}
+    assert cfg.run.mesh == {"data": 8}
+    assert base.method.options == {} and base.train.epochs == 1  # the input is untouched
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(KeyError, match=r"unknown config key 'train.lr'.*learning_rate"):
+        cfgmod.apply_overrides(cfgmod.Config(), ["train.lr=1"])
+    with pytest.raises(KeyError, match=r"optim.lr.*'train'"):
+        cfgmod.apply_overrides(cfgmod.Config(), ["optim.lr=1"])
+    with pytest.raises(ValueError, match="expects int"):
+        cfgmod.apply_overrides(cfgmod.Config(), ["train.epochs=abc"])
+    with pytest.raises(ValueError, match="key=value"):
+        cfgmod.apply_overrides(cfgmod.Config(), ["train.epochs"])
+    with pytest.raises(KeyError, match="unknown keys"):
+        cfgmod.config_from_dict({"train": {"lr": 1}})
+
+
+def test_round_trip_through_dict_and_file(tmp_path):
+    cfg = cfgmod.apply_overrides(cfgmod.Config(), ["model.family=t5", "eval.mode=rank"])
+    assert cfgmod.config_from_dict(cfg.to_dict()) == cfg
+    path = tmp_path / "exp.py"
+    path.write_text(
+        "from cljax.config import Config\n"
+        "def get_config():\n"
+        "    cfg = Config()\n"
+        "    cfg.train.batch_size = 4\n"
+        "    return cfg\n"
+    )
+    assert cfgmod.load_config(path).train.batch_size == 4
+    with pytest.raises(FileNotFoundError, match="nope.py"):
+        cfgmod.load_config(tmp_path / "nope.py")
+
+
+def test_every_field_is_documented():
+    for line in cfgmod.describe():
+        key, doc = line.split(": ", 1)
+        assert doc.strip(), f"{key} has no documentation"
