@@ -1,0 +1,179 @@
+"""Run outputs: the accuracy matrix (JSON + CSV), its plots, the summary table, and the
+comparison of several runs (``cljax compare``).
+
+A run directory holds ``accuracy.json`` with the task names, the matrix (row t: after
+training task t; column i: task i; percent), the base model's accuracies and the
+test-set sizes. Everything else is derived from it, so ``compare`` reads only that file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cljax.cl.metrics import ContinualMetrics, summarize
+
+ACCURACY_FILE = "accuracy.json"
+METRIC_COLUMNS = (
+    ("AA", "average_accuracy"),
+    ("AA micro", "average_accuracy_micro"),
+    ("BWT", "backward_transfer"),
+    ("FWT", "forward_transfer"),
+    ("Forgetting", "forgetting"),
+)
+
+
+def completed_rows(accuracy: np.ndarray) -> int:
+    """Leading rows whose seen-task entries (i <= t) are all filled in."""
+    done = 0
+    for t in range(accuracy.shape[0]):
+        if not np.all(np.isfinite(accuracy[t, : t + 1])):
+            break
+        done += 1
+    return done
+
+
+def write_accuracy(
+    run_dir: Path,
+    *,
+    method: str,
+    tasks: Sequence[str],
+    accuracy: np.ndarray,
+    base: Sequence[float] | None = None,
+    test_sizes: Sequence[int] | None = None,
+) -> ContinualMetrics | None:
+    """Write ``accuracy.json`` and ``accuracy.csv`` for a matrix (T, T) that may be
+    partial (rows of tasks not trained yet are NaN). Returns the metrics of the
+    completed rows, None if there are none."""
+    accuracy = np.asarray(accuracy, dtype=np.float64)
+    done = completed_rows(accuracy)
+    metrics = None
+    if done:
+        metrics = summarize(
+            accuracy[:done, :done],
+            base=None if base is None else list(base)[:done],
+            test_sizes=None if test_sizes is None else list(test_sizes)[:done],
+        )
+    record: dict[str, Any] = {
+        "method": method,
+        "tasks": list(tasks),
+        "accuracy": [[float(v) if math.isfinite(v) else None for v in row] for row in accuracy],
+        "base": None if base is None else [float(b) for b in base],
+        "test_sizes": None if test_sizes is None else [int(n) for n in test_sizes],
+        "tasks_done": done,
+        "metrics": None if metrics is None else metrics.as_dict(),
+    }
+    (run_dir / ACCURACY_FILE).write_text(json.dumps(record, indent=2))
+    with open(run_dir / "accuracy.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["after_task", *tasks])
+        for t in range(done):
+            cells = [f"{v:.2f}" if math.isfinite(v) else "" for v in accuracy[t]]
+            writer.writerow([tasks[t], *cells])
+    return metrics
+
+
+def read_accuracy(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / ACCURACY_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished cljax run directory?")
+    record = json.loads(path.read_text())
+    record["accuracy"] = np.array(
+        [[np.nan if v is None else v for v in row] for row in record["accuracy"]], dtype=np.float64
+    )
+    return record
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def metrics_table(rows: Sequence[tuple[str, ContinualMetrics | dict | None]]) -> str:
+    """A fixed-width text table: one row per (name, metrics)."""
+    header = ["method", *(label for label, _ in METRIC_COLUMNS)]
+    body = []
+    for name, metrics in rows:
+        values = metrics.as_dict() if isinstance(metrics, ContinualMetrics) else (metrics or {})
+        body.append([name, *(_fmt(values.get(key)) for _, key in METRIC_COLUMNS)])
+    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plot_run(run_dir: Path) -> list[Path]:
+    """``accuracy_matrix.png`` (heatmap) and ``accuracy_curves.png`` (each task's
+    accuracy along the sequence) for a run directory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    record = read_accuracy(run_dir)
+    acc, tasks = record["accuracy"], record["tasks"]
+    paths = [Path(run_dir) / "accuracy_matrix.png", Path(run_dir) / "accuracy_curves.png"]
+
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(tasks), 1.0 + 0.6 * len(tasks)))
+    image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis")
+    for (t, i), value in np.ndenumerate(acc):
+        if math.isfinite(value):
+            ax.text(i, t, f"{value:.0f}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("after training on")
+    ax.set_title(f"{record['method']}: accuracy (%)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    done = record["tasks_done"]
+    for i, task in enumerate(tasks):
+        ax.plot(range(done), acc[:done, i], marker="o", label=task)
+    ax.set_xticks(range(done), tasks[:done], rotation=45, ha="right")
+    ax.set_xlabel("after training on")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{record['method']}: accuracy along the sequence")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=100)
+    plt.close(fig)
+    return paths
+
+
+def compare_runs(run_dirs: Sequence[Path], plot_path: Path | None = None) -> str:
+    """One table (runs x AA / BWT / FWT / forgetting) over several run directories, and
+    optionally a bar plot of the final per-task accuracies."""
+    records = [(Path(d), read_accuracy(Path(d))) for d in run_dirs]
+    rows = [(f"{rec['method']} ({d.name})", rec.get("metrics")) for d, rec in records]
+    if plot_path is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        tasks = records[0][1]["tasks"]
+        width = 0.8 / len(records)
+        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(tasks), 4))
+        for k, (_, rec) in enumerate(records):
+            final = rec["accuracy"][rec["tasks_done"] - 1] if rec["tasks_done"] else []
+            ax.bar(np.arange(len(final)) + k * width, final, width, label=rec["method"])
+        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=45, ha="right")
+        ax.set_ylabel("final accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot_path, dpi=100)
+        plt.close(fig)
+    return metrics_table(rows)

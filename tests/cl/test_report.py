@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import pytest
+
+from cljax.cl import report
+
+NAN = float("nan")
+
+
+def _write(run_dir, method, acc):
+    run_dir.mkdir()
+    return report.write_accuracy(
+        run_dir,
+        method=method,
+        tasks=["a", "b", "c"],
+        accuracy=np.array(acc),
+        base=[10.0, 20.0, 30.0],
+        test_sizes=[10, 10, 20],
+    )
+
+
+def test_partial_matrix_reports_completed_rows_only(tmp_path):
+    acc = [[80.0, 15.0, 25.0], [60.0, 70.0, 35.0], [NAN, NAN, NAN]]
+    metrics = _write(tmp_path / "run", "seqft", acc)
+    record = json.loads((tmp_path / "run" / "accuracy.json").read_text())
+    assert record["tasks_done"] == 2
+    assert record["accuracy"][2] == [None, None, None]
+    assert metrics.backward_transfer == pytest.approx(-20.0)
+    assert metrics.forward_transfer == pytest.approx(15.0 - 20.0)
+    rows = (tmp_path / "run" / "accuracy.csv").read_text().splitlines()
+    assert rows == ["after_task,a,b,c", "a,80.00,15.00,25.00", "b,60.00,70.00,35.00"]
+
+
+def test_plots_and_comparison_table(tmp_path):
+    _write(tmp_path / "r1", "seqft", [[80, 15, 25], [60, 70, 35], [40, 50, 90]])
+    _write(tmp_path / "r2", "osf", [[80, 15, 25], [78, 70, 35], [75, 68, 88]])
+    paths = report.plot_run(tmp_path / "r1")
+    assert all(p.stat().st_size > 1000 for p in paths)
+    table = report.compare_runs([tmp_path / "r1", tmp_path / "r2"], tmp_path / "cmp.png")
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["method", "AA", "AA"]
+    seq = next(line for line in lines if line.startswith("seqft"))
+    # AA macro of the final row (40 + 50 + 90) / 3, BWT ((40-80) + (50-70)) / 2
+    assert "60.00" in seq.split() and "-30.00" in seq.split()
+    assert (tmp_path / "cmp.png").stat().st_size > 1000
+
+
+def test_compare_names_a_directory_that_is_not_a_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not-a-run"):
+        report.compare_runs([tmp_path / "not-a-run"])
