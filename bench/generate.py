@@ -1,0 +1,199 @@
+"""Greedy generation throughput: cljax vs ``transformers.generate`` on the same random
+model, on this machine's CPU, measured in one run.
+
+Per model family one function (``bench_llama``, ``bench_t5``) builds a
+random transformers model, loads the same weights into cljax through
+``cljax.models.convert``, checks that both generate the same tokens, and times both.
+Compilation is excluded: each side runs the batch once as a warm-up (cljax compiles
+then; transformers warms its allocator), then the two sides alternate for ``--repeats``
+timed runs and each side's fastest run counts (the machine may be shared).
+
+    python bench/generate.py [--repeats 3] [--batch 16] [--new-tokens 32] [--torch-threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    name: str
+    new_tokens: int  # generated tokens per timed run (all rows)
+    cljax_seconds: float
+    hf_seconds: float
+    tokens_equal: bool
+
+    def report(self) -> str:
+        ours, theirs = self.new_tokens / self.cljax_seconds, self.new_tokens / self.hf_seconds
+        return (
+            f"{self.name}: cljax {ours:,.0f} tok/s ({self.cljax_seconds * 1e3:.1f} ms), "
+            f"transformers {theirs:,.0f} tok/s ({self.hf_seconds * 1e3:.1f} ms), "
+            f"ratio {ours / theirs:.2f}x, same tokens: {self.tokens_equal}"
+        )
+
+
+def best_times(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """Seconds of the fastest of ``repeats`` calls of each function, after one untimed
+    warm-up call each. Calls are interleaved so that both sides see the same load on
+    a shared machine."""
+    for fn in fns:
+        fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, seconds in zip(fns, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            seconds.append(time.perf_counter() - start)
+    return [min(seconds) for seconds in times]
+
+
+def varied_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """``batch`` prompts of 8..64 tokens (bos first)."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(8, 65, batch)
+    return [[1, *rng.integers(3, vocab, n - 1).tolist()] for n in lengths]
+
+
+def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
+    """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from cljax.models.convert import load_hf_checkpoint
+    from cljax.models.generate import generate_llama, left_pad
+
+    torch.manual_seed(0)
+    hf_cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    hf = LlamaForCausalLM(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        model, _ = load_hf_checkpoint(directory)
+    prompts = varied_prompts(batch, hf_cfg.vocab_size)
+    length = max(map(len, prompts))
+    ids, mask = left_pad(prompts, length, hf_cfg.pad_token_id)
+    ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+    def run_hf() -> np.ndarray:
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids_t,
+                attention_mask=mask_t,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=hf_cfg.pad_token_id,
+            )
+        return out[:, length:].numpy()
+
+    def run_cljax() -> np.ndarray:
+        # No eos: both sides generate exactly new_tokens per row (min_new_tokens above).
+        return generate_llama(model, prompts, new_tokens, eos_token_ids=()).tokens
+
+    same = bool(np.array_equal(run_cljax(), run_hf()))
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
+    return Result(
+        name=f"llama 4x256 vocab 32000, batch {batch}, prompts 8..64, {new_tokens} new",
+        new_tokens=batch * new_tokens,
+        cljax_seconds=cljax_seconds,
+        hf_seconds=hf_seconds,
+        tokens_equal=same,
+    )
+
+
+def bench_t5(batch: int, new_tokens: int, repeats: int) -> Result:
+    """T5 4+4 layers, d_model 256 (8 heads of 32), gated-gelu d_ff 704, vocab 32128;
+    sources of 64 tokens. The encoder runs once per batch on both sides."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from cljax.models.convert import load_hf_checkpoint
+    from cljax.models.generate import generate_t5
+
+    torch.manual_seed(0)
+    hf_cfg = T5Config(
+        vocab_size=32128,
+        d_model=256,
+        d_kv=32,
+        d_ff=704,
+        num_layers=4,
+        num_decoder_layers=4,
+        num_heads=8,
+        feed_forward_proj="gated-gelu",
+        decoder_start_token_id=0,
+    )
+    hf = T5ForConditionalGeneration(hf_cfg).eval()
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        model, _ = load_hf_checkpoint(directory)
+    rng = np.random.default_rng(0)
+    sources = [[*rng.integers(2, hf_cfg.vocab_size, 63).tolist(), 1] for _ in range(batch)]
+    ids_t = torch.tensor(sources, dtype=torch.long)
+
+    def run_hf() -> np.ndarray:
+        with torch.inference_mode():
+            out = hf.generate(
+                input_ids=ids_t,
+                attention_mask=torch.ones_like(ids_t),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+            )
+        return out[:, 1:].numpy()  # drop the decoder start token
+
+    def run_cljax() -> np.ndarray:
+        # No eos: both sides generate exactly new_tokens per row (min_new_tokens above).
+        return generate_t5(model, sources, new_tokens, eos_token_ids=()).tokens
+
+    same = bool(np.array_equal(run_cljax(), run_hf()))
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
+    return Result(
+        name=f"t5 4+4x256 vocab 32128, batch {batch}, sources 64, {new_tokens} new",
+        new_tokens=batch * new_tokens,
+        cljax_seconds=cljax_seconds,
+        hf_seconds=hf_seconds,
+        tokens_equal=same,
+    )
+
+
+BENCHES: dict[str, Callable[[int, int, int], Result]] = {"llama": bench_llama, "t5": bench_t5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--only", choices=sorted(BENCHES), nargs="*", default=sorted(BENCHES))
+    parser.add_argument(
+        "--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
+    args = parser.parse_args()
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
+    print(
+        f"greedy generation, compile excluded (one warm-up run each), best of {args.repeats}; "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    for name in args.only:
+        print(BENCHES[name](args.batch, args.new_tokens, args.repeats).report(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

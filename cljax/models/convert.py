@@ -1,0 +1,588 @@
+"""Hugging Face checkpoints <-> cljax models, without torch.
+
+One generic mechanism serves every model family. A family (registered with
+``register_family``) says, as data, how its tensors are named:
+
+* ``TensorRule(hf_name, path, transform, num_layers)`` maps one Hugging Face tensor
+  name (``"model.layers.{layer}.self_attn.q_proj.weight"``) to one cljax state path
+  (``"layers.attn.q_proj.kernel"``, the dotted key of ``nnx.state(model)``), through a
+  named, invertible ``transform`` (``"identity"``, ``"transpose"``). With
+  ``num_layers=L`` the name has a ``{layer}`` placeholder and the L per-layer tensors
+  are stacked along the leading ``layers`` axis of the cljax parameter.
+* ``ModelFamily`` bundles the ``model_type`` of ``config.json`` with functions that
+  parse / write the config, build the model, and give the rules for a config.
+
+``load_hf_checkpoint(dir)`` reads ``config.json``, dispatches on its ``model_type``,
+builds the model abstractly (no random init of the real weights), and fills every
+parameter from ``*.safetensors`` (a sharded ``model.safetensors.index.json`` too),
+read with the numpy API of ``safetensors`` (bfloat16 through ``ml_dtypes``).
+``export_hf_checkpoint(model, cfg, dir)`` writes ``config.json`` + safetensors that
+``transformers`` loads. A missing tensor, an unexpected tensor, a wrong shape or a bad
+config field fails with an error that names it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+LAYER = "{layer}"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match what the model family expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """An invertible per-tensor transform between the HF layout and the cljax layout.
+
+    Both functions act on one (per-layer) tensor; they must also work on zero-stride
+    views (``np.broadcast_to``), which is how expected shapes are computed.
+    """
+
+    to_cljax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+# PyTorch nn.Linear stores weight (out, in); cljax kernels are (in, out).
+TRANSFORMS: dict[str, Transform] = {
+    "identity": Transform(to_cljax=lambda a: a, to_hf=lambda a: a),
+    "transpose": Transform(
+        to_cljax=lambda a: np.swapaxes(a, -1, -2), to_hf=lambda a: np.swapaxes(a, -1, -2)
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+    """One HF tensor (or one per layer) <-> one cljax parameter.
+
+    hf_name: HF tensor name; contains ``{layer}`` iff ``num_layers`` is set.
+    path: dotted cljax state path, e.g. ``"layers.attn.q_proj.kernel"``.
+    transform: a key of ``TRANSFORMS``, applied per layer.
+    num_layers: L for a parameter stacked over layers: HF tensors for layers 0..L-1
+        become the slices ``param[0] .. param[L-1]``.
+    """
+
+    hf_name: str
+    path: str
+    transform: str = "identity"
+    num_layers: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.transform not in TRANSFORMS:
+            raise ValueError(
+                f"rule for {self.hf_name!r}: unknown transform {self.transform!r}; "
+                f"valid: {sorted(TRANSFORMS)}"
+            )
+        if (LAYER in self.hf_name) != (self.num_layers is not None):
+            raise ValueError(
+                f"rule for {self.hf_name!r}: a {LAYER} placeholder goes with num_layers "
+                f"(got {self.num_layers})"
+            )
+
+    def hf_names(self) -> list[str]:
+        """The concrete HF tensor names, one per layer for a stacked rule."""
+        if self.num_layers is None:
+            return [self.hf_name]
+        return [self.hf_name.format(layer=i) for i in range(self.num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Everything the converter needs to know about one ``model_type``.
+
+    config_class: the cljax config dataclass (export dispatches on it).
+    config_from_hf: config.json dict -> cljax config; raises naming any bad field.
+    config_to_hf: cljax config -> config.json dict (with ``model_type``, ``architectures``).
+    build: (config, rngs) -> NNX model.
+    name_map: config -> the TensorRules covering every parameter of the model.
+    ignore: regexes of HF tensor names that carry no parameter (e.g. cached buffers).
+    resolve_config: optional (config, tensors) -> config, for facts that only the tensors
+        tell (T5: whether ``lm_head`` is tied); ``tensors`` has ``located`` (the HF names)
+        and ``read(name)``. It runs before ``config_overrides`` and the name map.
+    """
+
+    model_type: str
+    config_class: type
+    config_from_hf: Callable[[dict[str, Any]], Any]
+    config_to_hf: Callable[[Any], dict[str, Any]]
+    build: Callable[[Any, nnx.Rngs], nnx.Module]
+    name_map: Callable[[Any], Sequence[TensorRule]]
+    ignore: tuple[str, ...] = ()
+    resolve_config: Callable[[Any, Any], Any] | None = None
+
+
+FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    """Make ``family`` loadable by its ``model_type``; returns it."""
+    if family.model_type in FAMILIES:
+        raise ValueError(f"model_type {family.model_type!r} is already registered")
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def family_for_config(cfg: Any) -> ModelFamily:
+    for family in FAMILIES.values():
+        if isinstance(cfg, family.config_class):
+            return family
+    raise CheckpointError(
+        f"no registered model family for config type {type(cfg).__name__}; "
+        f"supported: {sorted(FAMILIES)}"
+    )
+
+
+def family_for(model_type: Any, where: str = CONFIG_FILE) -> ModelFamily:
+    if model_type not in FAMILIES:
+        raise CheckpointError(
+            f"{where}: unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}"
+        )
+    return FAMILIES[model_type]
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------
+
+
+def read_hf_config(directory: str | Path) -> tuple[ModelFamily, Any]:
+    """Parse ``directory/config.json`` into (family, cljax config)."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json in the checkpoint directory")
+    with open(path) as f:
+        raw = json.load(f)
+    family = family_for(raw.get("model_type"), str(path))
+    try:
+        cfg = family.config_from_hf(raw)
+    except (ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    return family, cfg
+
+
+def safetensors_index(directory: str | Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (sharded index or plain files)."""
+    directory = Path(directory)
+    index_path = directory / INDEX_FILE
+    if index_path.is_file():
+        with open(index_path) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index_path}: no 'weight_map' object")
+        located = {name: directory / file for name, file in weight_map.items()}
+        for name, file in located.items():
+            if not file.is_file():
+                raise CheckpointError(
+                    f"{index_path}: tensor {name!r} maps to missing file {file.name}"
+                )
+        return located
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no *.safetensors files and no {INDEX_FILE}")
+    located: dict[str, Path] = {}
+    for file in files:
+        with safe_open(file, framework="np") as f:
+            for name in f.keys():
+                if name in located:
+                    raise CheckpointError(
+                        f"{directory}: tensor {name!r} is in both {located[name].name} "
+                        f"and {file.name}"
+                    )
+                located[name] = file
+    return located
+
+
+class _TensorReader:
+    """Reads tensors by name, keeping each safetensors file open once."""
+
+    def __init__(self, located: Mapping[str, Path]):
+        self.located = located
+        self._handles: dict[Path, Any] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name)
+
+    def _handle(self, name: str) -> Any:
+        file = self.located[name]
+        if file not in self._handles:
+            self._handles[file] = safe_open(file, framework="np").__enter__()
+        return self._handles[file]
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.__exit__(None, None, None)
+        self._handles.clear()
+
+
+def _flat_params(model_or_state: Any) -> dict[str, nnx.Variable]:
+    """Dotted state path -> variable, for every nnx.Param of a model (or abstract model)."""
+    state = nnx.state(model_or_state, nnx.Param)
+    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+
+
+def _expected_hf_shape(rule: TensorRule, cljax_shape: tuple[int, ...]) -> tuple[int, ...]:
+    per_layer = cljax_shape[1:] if rule.num_layers is not None else cljax_shape
+    view = np.broadcast_to(np.zeros((), np.float32), per_layer)
+    return tuple(TRANSFORMS[rule.transform].to_hf(view).shape)
+
+
+def _check_rules_cover(
+    rules: Sequence[TensorRule], params: Mapping[str, nnx.Variable], model_type: str
+) -> None:
+    paths = [r.path for r in rules]
+    unknown = sorted(set(paths) - set(params))
+    if unknown:
+        raise CheckpointError(
+            f"{model_type} name map refers to cljax paths the model lacks: {unknown}"
+        )
+    uncovered = sorted(set(params) - set(paths))
+    if uncovered:
+        raise CheckpointError(
+            f"cljax parameters with no HF name in the {model_type} map: {uncovered}"
+        )
+    for rule in rules:
+        shape = tuple(params[rule.path].get_value().shape)
+        if rule.num_layers is not None and (not shape or shape[0] != rule.num_layers):
+            raise CheckpointError(
+                f"cljax {rule.path!r} has shape {shape}; "
+                f"rule expects {rule.num_layers} stacked layers"
+            )
+
+
+def load_state_from_tensors(
+    abstract_model: nnx.Module,
+    rules: Sequence[TensorRule],
+    reader: _TensorReader,
+    *,
+    model_type: str,
+    ignore: Iterable[str] = (),
+    where: str = "checkpoint",
+) -> nnx.Module:
+    """Fill every parameter of ``abstract_model`` (from ``nnx.eval_shape``) from HF
+    tensors, cast to each parameter's dtype; returns the concrete model."""
+    params = _flat_params(abstract_model)
+    _check_rules_cover(rules, params, model_type)
+    used: set[str] = set()
+    values: dict[str, jnp.ndarray] = {}
+    for rule in rules:
+        var = params[rule.path]
+        target = var.get_value()
+        expected = _expected_hf_shape(rule, tuple(target.shape))
+        slices = []
+        for name in rule.hf_names():
+            if name not in reader.located:
+                raise CheckpointError(
+                    f"{where}: missing tensor {name!r} (for cljax parameter {rule.path!r})"
+                )
+            found = reader.shape(name)
+            if found != expected:
+                raise CheckpointError(
+                    f"{where}: tensor {name!r} has shape {found}, expected {expected} "
+                    f"(for cljax parameter {rule.path!r})"
+                )
+            slices.append(
+                TRANSFORMS[rule.transform].to_cljax(reader.read(name)).astype(target.dtype)
+            )
+            used.add(name)
+        array = np.stack(slices) if rule.num_layers is not None else slices[0]
+        values[rule.path] = jnp.asarray(array, dtype=target.dtype)
+    patterns = [re.compile(p) for p in ignore]
+    unexpected = sorted(
+        n for n in reader.located if n not in used and not any(p.search(n) for p in patterns)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"{where}: unexpected tensors the {model_type} map does not use: {unexpected[:10]}"
+        )
+    graphdef, state = nnx.split(abstract_model)
+    flat = nnx.to_flat_state(state)
+    filled = []
+    for path, var in flat:
+        key = ".".join(str(k) for k in path)
+        if key in values:
+            var = var.replace(values[key])
+        filled.append((path, var))
+    return nnx.merge(graphdef, nnx.from_flat_state(filled))
+
+
+def load_hf_checkpoint(directory: str | Path, **config_overrides: Any) -> tuple[nnx.Module, Any]:
+    """Load an HF checkpoint directory into a cljax model: returns (model, config).
+
+    ``config_overrides`` replace fields of the parsed config (e.g. ``policy=DTypePolicy(
+    "bfloat16", "bfloat16")``) before the model is built.
+    """
+    family, cfg = read_hf_config(directory)
+    reader = _TensorReader(safetensors_index(directory))
+    try:
+        if family.resolve_config is not None:
+            cfg = family.resolve_config(cfg, reader)
+        if config_overrides:
+            cfg = dataclasses.replace(cfg, **config_overrides)
+        abstract = nnx.eval_shape(lambda: family.build(cfg, nnx.Rngs(0)))
+        model = load_state_from_tensors(
+            abstract,
+            family.name_map(cfg),
+            reader,
+            model_type=family.model_type,
+            ignore=family.ignore,
+            where=str(directory),
+        )
+    finally:
+        reader.close()
+    return model, cfg
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------
+
+
+def hf_tensors_from_model(
+    model: nnx.Module, rules: Sequence[TensorRule], *, model_type: str
+) -> dict[str, np.ndarray]:
+    """HF tensor name -> numpy array (parameter dtype) for every parameter of ``model``."""
+    params = _flat_params(model)
+    _check_rules_cover(rules, params, model_type)
+    tensors: dict[str, np.ndarray] = {}
+    for rule in rules:
+        array = np.asarray(params[rule.path].get_value())
+        to_hf = TRANSFORMS[rule.transform].to_hf
+        per_layer = list(array) if rule.num_layers is not None else [array]
+        for name, part in zip(rule.hf_names(), per_layer, strict=True):
+            tensors[name] = np.ascontiguousarray(to_hf(part))
+    return tensors
+
+
+def export_hf_checkpoint(
+    model: nnx.Module,
+    cfg: Any,
+    directory: str | Path,
+    *,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write ``config.json`` and safetensors (sharded with an index when the tensors
+    exceed ``max_shard_bytes``) that ``transformers`` ``from_pretrained`` loads."""
+    family = family_for_config(cfg)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors_from_model(model, family.name_map(cfg), model_type=family.model_type)
+    with open(directory / CONFIG_FILE, "w") as f:
+        json.dump(family.config_to_hf(cfg), f, indent=2, sort_keys=True)
+    metadata = {"format": "pt"}  # transformers refuses safetensors without this tag
+    shards = _split_shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        save_file(shards[0], directory / SINGLE_FILE, metadata=metadata)
+        return directory
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, directory / file, metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(a.nbytes for a in tensors.values())
+    with open(directory / INDEX_FILE, "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return directory
+
+
+def _split_shards(
+    tensors: Mapping[str, np.ndarray], max_shard_bytes: int | None
+) -> list[dict[str, np.ndarray]]:
+    if max_shard_bytes is None:
+        return [dict(tensors)]
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, array in tensors.items():
+        if shards[-1] and size + array.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = array
+        size += array.nbytes
+    return shards
+
+
+# ---------------------------------------------------------------------------------------
+# LLaMA (transformers LlamaForCausalLM)
+# ---------------------------------------------------------------------------------------
+
+
+def _llama_name_map(cfg: Any) -> list[TensorRule]:
+    n = cfg.num_hidden_layers
+    rules = [TensorRule("model.embed_tokens.weight", "embed.embedding")]
+    for group, hf_group, names in (
+        ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
+        rules += [
+            TensorRule(
+                f"model.layers.{LAYER}.{hf_group}.{name}.weight",
+                f"layers.{group}.{name}.kernel",
+                "transpose",
+                n,
+            )
+            for name in names
+        ]
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.input_layernorm.weight", "layers.input_norm.scale", num_layers=n
+        ),
+        TensorRule(
+            f"model.layers.{LAYER}.post_attention_layernorm.weight",
+            "layers.post_attn_norm.scale",
+            num_layers=n,
+        ),
+        TensorRule("model.norm.weight", "final_norm.scale"),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
+    return rules
+
+
+def _register_llama() -> None:
+    from cljax.models.llama import Llama, LlamaConfig
+
+    register_family(
+        ModelFamily(
+            model_type="llama",
+            config_class=LlamaConfig,
+            config_from_hf=LlamaConfig.from_hf_dict,
+            config_to_hf=LlamaConfig.to_hf_dict,
+            build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
+            name_map=_llama_name_map,
+            # Old checkpoints saved the rotary buffer; it is recomputed from the config.
+            ignore=(r"\.rotary_emb\.inv_freq$",),
+        )
+    )
+
+
+_register_llama()
+
+
+# ---------------------------------------------------------------------------------------
+# T5 (transformers T5ForConditionalGeneration: T5 v1.0, v1.1, Flan-T5)
+# ---------------------------------------------------------------------------------------
+
+# Copies of the shared embedding that some T5 checkpoints also store; transformers ties
+# them to ``shared.weight``. ``_t5_resolve_config`` checks that they are equal to it.
+_T5_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def _t5_name_map(cfg: Any) -> list[TensorRule]:
+    rules = [TensorRule("shared.weight", "shared.embedding")]
+    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        block = f"{stack}.block.{LAYER}.layer"
+        # One relative-position table per stack, stored in block 0 and shared by all blocks.
+        rules.append(
+            TensorRule(
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                f"{stack}.relative_bias",
+            )
+        )
+        # HF sub-layer index -> (HF attention module, cljax attention module)
+        attention = [(0, "SelfAttention", "self_attn")]
+        if stack == "decoder":
+            attention.append((1, "EncDecAttention", "cross_attn"))
+        for index, hf_attn, attn in attention:
+            rules += [
+                TensorRule(
+                    f"{block}.{index}.{hf_attn}.{p}.weight",
+                    f"{stack}.layers.{attn}.{p}_proj.kernel",
+                    "transpose",
+                    n,
+                )
+                for p in "qkvo"
+            ]
+            rules.append(
+                TensorRule(
+                    f"{block}.{index}.layer_norm.weight",
+                    f"{stack}.layers.{attn}_norm.scale",
+                    num_layers=n,
+                )
+            )
+        ff = len(attention)  # the feed-forward sub-layer comes last
+        dense = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
+        rules += [
+            TensorRule(
+                f"{block}.{ff}.DenseReluDense.{name}.weight",
+                f"{stack}.layers.mlp.{name}.kernel",
+                "transpose",
+                n,
+            )
+            for name in dense
+        ]
+        rules.append(
+            TensorRule(
+                f"{block}.{ff}.layer_norm.weight", f"{stack}.layers.mlp_norm.scale", num_layers=n
+            )
+        )
+        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}.final_norm.scale"))
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
+    return rules
+
+
+def _t5_resolve_config(cfg: Any, tensors: Any) -> Any:
+    """Tied or untied output layer, decided as transformers decides it.
+
+    An ``lm_head.weight`` that differs from ``shared.weight`` is a separate output layer
+    even when config.json says ``tie_word_embeddings: true`` (transformers 5 writes that
+    for every T5 and then keeps the two apart); one equal to it is a tied copy. Stored
+    copies of the input embeddings must equal ``shared.weight``.
+    """
+    shared = tensors.read("shared.weight") if "shared.weight" in tensors.located else None
+    for name in _T5_EMBED_COPIES:
+        if name in tensors.located and shared is not None:
+            copy = tensors.read(name)
+            if copy.shape != shared.shape or not np.array_equal(copy, shared):
+                raise CheckpointError(
+                    f"tensor {name!r} differs from 'shared.weight'; T5 ties the input "
+                    "embeddings of both stacks to it"
+                )
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors.located and shared is not None:
+        head = tensors.read("lm_head.weight")
+        if head.shape != shared.shape or not np.array_equal(head, shared):
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    return cfg
+
+
+def _register_t5() -> None:
+    from cljax.models.t5 import T5, T5Config
+
+    register_family(
+        ModelFamily(
+            model_type="t5",
+            config_class=T5Config,
+            config_from_hf=T5Config.from_hf_dict,
+            config_to_hf=T5Config.to_hf_dict,
+            build=lambda cfg, rngs: T5(cfg, rngs=rngs),
+            name_map=_t5_name_map,
+            ignore=(
+                # Tied copies, checked by _t5_resolve_config (an untied lm_head is used).
+                *(rf"^{re.escape(name)}$" for name in (*_T5_EMBED_COPIES, "lm_head.weight")),
+                # Cross-attention has no position bias; transformers skips this tensor too.
+                r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
+            ),
+            resolve_config=_t5_resolve_config,
+        )
+    )
+
+
+_register_t5()

@@ -1,0 +1,361 @@
+"""Jitted greedy decoding with a KV cache.
+
+Shapes are static per *bucket*: the batch size, the prompt length and the number of
+new tokens are each rounded up (``bucket_size``), so a new batch of a similar size
+reuses the compiled function instead of recompiling. The whole decode loop (prefill,
+then one token per ``lax.while_loop`` step until every row has produced an eos or
+``max_new_tokens`` is reached) is one compiled call.
+
+Generic pieces, shared by model families: ``bucket_size``, ``left_pad``,
+``greedy_loop`` (the loop over a ``step_fn``) and ``GenerationOutput``. Decoder-only
+LLaMA generation is ``generate_llama``; encoder-decoder T5 generation is
+``generate_t5``.
+
+``python -m cljax.models.generate --demo`` greedy-decodes a tiny random LLaMA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cljax.models.llama import Llama, LlamaConfig, positions_from_mask
+from cljax.models.t5 import T5, T5Config
+
+
+def bucket_size(n: int, *, minimum: int = 8) -> int:
+    """The compiled size used for ``n`` items: the next power of two >= max(n, minimum)."""
+    if n < 1:
+        raise ValueError(f"bucket_size needs n >= 1, got {n}")
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def left_pad(
+    sequences: Sequence[Sequence[int]], length: int, pad_id: int, rows: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists to ``length``: ids, mask (rows, length) int32.
+
+    ``rows`` (>= len(sequences)) appends all-padding rows, to fill a batch bucket.
+    """
+    rows = len(sequences) if rows is None else rows
+    ids = np.full((rows, length), pad_id, np.int32)
+    mask = np.zeros((rows, length), np.int32)
+    for i, seq in enumerate(sequences):
+        if not 0 < len(seq) <= length:
+            raise ValueError(f"sequence {i} has {len(seq)} tokens; need 1..{length}")
+        ids[i, length - len(seq) :] = seq
+        mask[i, length - len(seq) :] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """tokens (B, max_new_tokens) int32, ``pad_id`` after a row's eos; lengths (B,) the
+    number of generated tokens per row (eos included)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+
+    def as_lists(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+StepFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
+
+
+def greedy_token(logits: jax.Array) -> jax.Array:
+    """(B, V) -> (B,) int32: ``argmax`` over the vocabulary, lowest index on ties.
+
+    Written as max + masked min because XLA's CPU argmax (a variadic reduction) is ~5x
+    slower over a 32k vocabulary (measured 5.4 ms vs 1.1 ms for 16 rows), a large
+    share of a decoding step for small models.
+    """
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    index = jnp.arange(vocab, dtype=jnp.int32)
+    return jnp.min(jnp.where(logits == best, index, vocab), axis=-1)
+
+
+def greedy_loop(
+    step_fn: StepFn,
+    first_logits: jax.Array,
+    decoder_state: Any,
+    *,
+    max_new_tokens: jax.Array | int,
+    capacity: int,
+    eos_ids: jax.Array,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """Greedy decoding loop, to be called inside ``jax.jit``.
+
+    first_logits (B, V): logits for the first new token (from the prefill).
+    step_fn(decoder_state, token (B,), index ()) -> (logits (B, V), decoder_state)
+    feeds the ``index``-th generated token and returns the next token's logits.
+    Runs until ``max_new_tokens`` (traced, <= capacity) or every row emitted one of
+    ``eos_ids`` (K,). Returns tokens (B, capacity) int32 and lengths (B,) int32.
+    """
+    batch = first_logits.shape[0]
+
+    def emit(token, done, tokens, lengths, index):
+        token = jnp.where(done, pad_id, token).astype(jnp.int32)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, index))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=-1)
+        return token, done, tokens, lengths
+
+    tokens = jnp.full((batch, capacity), pad_id, jnp.int32)
+    first = greedy_token(first_logits)
+    token, done, tokens, lengths = emit(
+        first, jnp.zeros((batch,), bool), tokens, jnp.zeros((batch,), jnp.int32), 0
+    )
+
+    def cond(carry):
+        index, _, done, _, _, _ = carry
+        return (index < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        index, token, done, tokens, lengths, state = carry
+        logits, state = step_fn(state, token, index - 1)
+        token, done, tokens, lengths = emit(greedy_token(logits), done, tokens, lengths, index)
+        return index + 1, token, done, tokens, lengths, state
+
+    carry = (jnp.int32(1), token, done, tokens, lengths, decoder_state)
+    _, _, _, tokens, lengths, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, lengths
+
+
+# ---------------------------------------------------------------------------------------
+# LLaMA (decoder-only)
+# ---------------------------------------------------------------------------------------
+
+
+@jax.jit(static_argnames=("graphdef", "capacity", "pad_id"))
+def _llama_greedy(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    ids: jax.Array,
+    mask: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    capacity: int,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """ids, mask (B, P) left-padded -> tokens (B, capacity), lengths (B,)."""
+    model: Llama = nnx.merge(graphdef, state)
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + capacity)
+    key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, capacity), bool)], axis=1)
+    hidden, cache = model.hidden_states(ids, positions_from_mask(mask), key_mask, cache, 0)
+    # Left padding puts every prompt's last token in the last prompt slot.
+    first_logits = model.logits(hidden[:, -1])
+    next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+    def step(decoder_state, token, index):
+        cache, key_mask = decoder_state
+        slot = prompt_len + index
+        key_mask = jax.lax.dynamic_update_slice(key_mask, jnp.ones((batch, 1), bool), (0, slot))
+        positions = (next_position + index)[:, None]
+        hidden, cache = model.hidden_states(token[:, None], positions, key_mask, cache, slot)
+        return model.logits(hidden[:, 0]), (cache, key_mask)
+
+    return greedy_loop(
+        step,
+        first_logits,
+        (cache, key_mask),
+        max_new_tokens=max_new_tokens,
+        capacity=capacity,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+
+
+def generate_llama(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> GenerationOutput:
+    """Greedy-decode a batch of token-id prompts of different lengths.
+
+    prompts: B lists of token ids (each non-empty; include bos yourself if wanted).
+    eos_token_ids: stop tokens (default: the config's; ``()`` never stops early).
+    pad_token_id: filler after eos (default: config pad, else first eos, else 0).
+    Batch, prompt length and ``max_new_tokens`` are bucketed (``bucket_size``).
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    cfg: LlamaConfig = model.cfg
+    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    if pad_token_id is None:
+        pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or (0,))[0]
+    rows = bucket_size(len(prompts), minimum=1)
+    length = bucket_size(max(len(p) for p in prompts))
+    capacity = bucket_size(max_new_tokens)
+    longest = max(len(p) for p in prompts) + max_new_tokens
+    if longest > cfg.max_position_embeddings:
+        # Buckets only pad the cache; the rotary positions are the real ones.
+        raise ValueError(
+            f"longest prompt + max_new_tokens = {longest} tokens exceeds "
+            f"max_position_embeddings {cfg.max_position_embeddings}"
+        )
+    ids, mask = left_pad(prompts, length, pad_token_id, rows)
+    # A constant-size eos array (padded with -1, never a token) keeps one compile.
+    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
+    eos_array[: len(eos)] = eos
+    graphdef, state = nnx.split(model)
+    tokens, lengths = _llama_greedy(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(eos_array),
+        capacity=capacity,
+        pad_id=int(pad_token_id),
+    )
+    tokens = np.asarray(tokens)[: len(prompts), :max_new_tokens]
+    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[: len(prompts)])
+
+
+# ---------------------------------------------------------------------------------------
+# T5 (encoder-decoder)
+# ---------------------------------------------------------------------------------------
+
+
+@jax.jit(static_argnames=("graphdef", "capacity", "pad_id"))
+def _t5_greedy(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    ids: jax.Array,
+    mask: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    capacity: int,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """ids, mask (B, S) padded sources -> tokens (B, capacity), lengths (B,).
+
+    The encoder runs once; each decoder layer's cross-attention keys and values are
+    projected once (``T5.init_cache``); the decoder then feeds one token per step
+    against its self-attention cache of ``capacity`` slots.
+    """
+    model: T5 = nnx.merge(graphdef, state)
+    batch = ids.shape[0]
+    encoder_out = model.encode(ids, mask)
+    cache = model.init_cache(encoder_out, mask, capacity)
+    start = jnp.full((batch, 1), model.cfg.decoder_start_token_id, jnp.int32)
+    first_logits, cache = model.decode_step(start, cache)
+
+    def step(cache, token, index):
+        # The cache tracks its own position (cache.index), so ``index`` is not needed.
+        logits, cache = model.decode_step(token[:, None], cache)
+        return logits[:, 0], cache
+
+    return greedy_loop(
+        step,
+        first_logits[:, 0],
+        cache,
+        max_new_tokens=max_new_tokens,
+        capacity=capacity,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+    )
+
+
+def generate_t5(
+    model: T5,
+    sources: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    eos_token_ids: Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> GenerationOutput:
+    """Greedy-decode targets for a batch of token-id sources of different lengths.
+
+    sources: B non-empty lists of token ids (as the tokenizer gives them, eos included).
+    The decoder starts from the config's ``decoder_start_token_id``; eos_token_ids: stop
+    tokens (default: the config's eos; ``()`` never stops early); pad_token_id: filler
+    after eos (default: the config's pad). Batch, source length and ``max_new_tokens``
+    are bucketed (``bucket_size``). Source padding does not change the result: T5 only
+    sees relative positions, and padded keys are masked.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not sources:
+        raise ValueError("no sources to generate from")
+    cfg: T5Config = model.cfg
+    eos = (cfg.eos_token_id,) if eos_token_ids is None else tuple(eos_token_ids)
+    pad_token_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    rows = bucket_size(len(sources), minimum=1)
+    ids, mask = left_pad(sources, bucket_size(max(len(s) for s in sources)), pad_token_id, rows)
+    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
+    eos_array[: len(eos)] = eos
+    graphdef, state = nnx.split(model)
+    tokens, lengths = _t5_greedy(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(eos_array),
+        capacity=bucket_size(max_new_tokens),
+        pad_id=int(pad_token_id),
+    )
+    tokens = np.asarray(tokens)[: len(sources), :max_new_tokens]
+    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[: len(sources)])
+
+
+# ---------------------------------------------------------------------------------------
+# Demo
+# ---------------------------------------------------------------------------------------
+
+
+def demo(seed: int = 0, max_new_tokens: int = 12) -> None:
+    """Greedy-decode a tiny random LLaMA for prompts of different lengths, twice: the
+    second batch has other lengths in the same buckets, so it does not recompile."""
+    cfg = LlamaConfig.preset("tiny")
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    rng = np.random.default_rng(seed)
+    print(
+        f"tiny random LLaMA: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
+        f"vocab {cfg.vocab_size}; greedy, {max_new_tokens} new tokens, eos={cfg.eos_token_id}"
+    )
+    for batch_lengths in ((3, 7, 12), (5, 9, 14, 2)):
+        prompts = [
+            [cfg.bos_token_id, *rng.integers(3, cfg.vocab_size, n - 1).tolist()]
+            for n in batch_lengths
+        ]
+        start = time.perf_counter()
+        out = generate_llama(model, prompts, max_new_tokens)
+        seconds = time.perf_counter() - start
+        print(f"batch of {len(prompts)} prompts, {seconds:.2f}s (compile included if new shape)")
+        for prompt, generated in zip(prompts, out.as_lists(), strict=True):
+            print(f"  prompt {prompt} -> {generated}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", action="store_true", help="decode a tiny random LLaMA")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not args.demo:
+        parser.error("nothing to do: pass --demo")
+    demo(seed=args.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,597 @@
+"""LLaMA-1/2/3 in Flax NNX, numerically matching Hugging Face ``LlamaForCausalLM``.
+
+* RMSNorm, SwiGLU MLP, grouped-query attention (``num_key_value_heads``), tied or
+  untied ``lm_head``, padding masks (left or right: positions come from the mask).
+* Rotary embeddings in the rotate-half layout that HF checkpoints are stored in, so
+  q/k kernels load without a permutation; rope scaling types ``default``, ``linear``
+  and ``llama3``.
+* Blocks are stacked along a leading ``layers`` axis and run with one ``lax.scan``
+  (``layers.scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
+  batched call on a ``(L, d_in, d_out)`` kernel.
+* Logical axis names on every parameter: ``embed``, ``heads`` (q heads x head_dim),
+  ``kv`` (kv heads x head_dim), ``mlp``, ``vocab``, ``layers``.
+* dtype policy: params / matmuls in ``policy`` dtypes; norms, rotary and softmax in
+  float32; logits returned in float32.
+
+Parameter paths (``nnx.state(model)``): ``embed.embedding`` (V, D);
+``layers.attn.{q,k,v,o}_proj.kernel`` and ``layers.mlp.{gate,up,down}_proj.kernel``
+(L, d_in, d_out); ``layers.input_norm.scale``, ``layers.post_attn_norm.scale`` (L, D);
+``final_norm.scale`` (D,); ``lm_head.kernel`` (D, V) when untied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cljax.models.layers import DTypePolicy, Embed, Linear, RMSNorm, scan_layers
+
+ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+}
+# A finite "minus infinity": a fully masked row (a padding query) softmaxes to uniform
+# weights instead of NaN, and its output is never used.
+_MASKED = -1e30
+
+
+def _validate_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """Normalise HF ``rope_scaling`` to ``{"rope_type": ..., <its parameters>}`` or None."""
+    if rope_scaling is None:
+        return None
+    if not isinstance(rope_scaling, Mapping):
+        raise ValueError(f"rope_scaling must be a dict or null, got {rope_scaling!r}")
+    scaling = dict(rope_scaling)
+    rope_type = scaling.pop("rope_type", None)
+    legacy_type = scaling.pop("type", None)  # older configs name the key "type"
+    rope_type = rope_type if rope_type is not None else legacy_type
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(
+            f"rope_scaling.rope_type {rope_type!r} is not supported; supported: {list(ROPE_TYPES)}"
+        )
+    scaling.pop("rope_theta", None)  # transformers 5 keeps theta inside rope_parameters
+    needed = _ROPE_KEYS[rope_type]
+    missing = sorted(needed - set(scaling))
+    if missing:
+        raise ValueError(f"rope_scaling ({rope_type}) lacks field(s) {missing}")
+    unknown = sorted(set(scaling) - needed)
+    if unknown:
+        raise ValueError(f"rope_scaling ({rope_type}) has unsupported field(s) {unknown}")
+    if rope_type == "default":
+        return None
+    return {"rope_type": rope_type, **{k: scaling[k] for k in sorted(needed)}}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Model shape and numerics, with Hugging Face ``LlamaConfig`` field names."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None  # None: same as num_attention_heads (MHA)
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    policy: DTypePolicy = DTypePolicy()
+
+    def __post_init__(self) -> None:
+        def fix(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if self.num_key_value_heads is None:
+            fix("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size {self.hidden_size} is not divisible by "
+                    f"num_attention_heads {self.num_attention_heads}; give head_dim"
+                )
+            fix("head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if isinstance(self.eos_token_id, list):
+            fix("eos_token_id", tuple(self.eos_token_id))
+        fix("rope_scaling", _validate_rope_scaling(self.rope_scaling))
+
+    def __hash__(self) -> int:
+        # The dataclass hash would fail on the rope_scaling dict; configs are jit-static.
+        rope = tuple(sorted(self.rope_scaling.items())) if self.rope_scaling else None
+        fields = tuple(
+            getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope_scaling"
+        )
+        return hash((fields, rope))
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """All end-of-sequence ids (LLaMA-3.1 has several)."""
+        if self.eos_token_id is None:
+            return ()
+        if isinstance(self.eos_token_id, int):
+            return (self.eos_token_id,)
+        return tuple(self.eos_token_id)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
+        """A named shape: ``tiny`` (tests), ``llama-2-7b``, ``llama-3.1-8b``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown LLaMA preset {name!r}; valid: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], policy: DTypePolicy | None = None) -> LlamaConfig:
+        """Parse a HF ``config.json`` dict (transformers 4 or 5 layout); any field that
+        would change the computation and is not supported raises, naming the field."""
+        d = dict(d)
+        if d.get("model_type", "llama") != "llama":
+            raise ValueError(f"model_type {d['model_type']!r} is not 'llama'")
+        for name, allowed in _FIXED_HF_FIELDS.items():
+            if name in d and d[name] not in allowed:
+                raise ValueError(
+                    f"config field {name}={d[name]!r} is not supported (only {allowed})"
+                )
+        unknown = sorted(set(d) - _KNOWN_HF_FIELDS)
+        if unknown:
+            raise ValueError(f"unsupported config field(s) {unknown}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+            if not isinstance(d.get(name), int) or d[name] <= 0:
+                raise ValueError(f"config field {name} must be a positive int, got {d.get(name)!r}")
+        if not isinstance(d.get("num_attention_heads"), int) or d["num_attention_heads"] <= 0:
+            raise ValueError(
+                f"config field num_attention_heads must be a positive int, "
+                f"got {d.get('num_attention_heads')!r}"
+            )
+        rope_theta = d.get("rope_theta", 10000.0)
+        rope_scaling = d.get("rope_scaling")
+        if d.get("rope_parameters") is not None:  # transformers >= 5
+            params = d["rope_parameters"]
+            if "rope_theta" not in params:
+                raise ValueError("config field rope_parameters lacks rope_theta")
+            rope_theta = params["rope_theta"]
+            rope_scaling = params
+        fields = {
+            name: d[name]
+            for name in (
+                "vocab_size",
+                "hidden_size",
+                "intermediate_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "rms_norm_eps",
+                "tie_word_embeddings",
+                "max_position_embeddings",
+                "bos_token_id",
+                "eos_token_id",
+                "pad_token_id",
+            )
+            if name in d
+        }
+        policy = DTypePolicy() if policy is None else policy
+        return cls(**fields, rope_theta=float(rope_theta), rope_scaling=rope_scaling, policy=policy)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers`` (4.x and 5.x) loads."""
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "model_type": "llama",
+            "architectures": ["LlamaForCausalLM"],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": dict(self.rope_scaling) if self.rope_scaling else None,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "torch_dtype": self.policy.param_dtype,
+        }
+
+
+# Fields that transformers writes and that cljax supports with these values only.
+_FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "attention_dropout": (0, 0.0),
+}
+# Fields that do not change the forward pass (bookkeeping, training-time switches).
+_IGNORED_HF_FIELDS = {
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "initializer_range",
+    "use_cache",
+    "pretraining_tp",  # only splits the matmuls; same result
+    "_name_or_path",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "tie_encoder_decoder",
+    "chunk_size_feed_forward",
+    "is_encoder_decoder",
+    "id2label",
+    "label2id",
+    "problem_type",
+}
+_KNOWN_HF_FIELDS = (
+    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy"}
+    | set(_FIXED_HF_FIELDS)
+    | _IGNORED_HF_FIELDS
+    | {"rope_parameters"}
+)
+
+PRESETS: dict[str, LlamaConfig] = {
+    "tiny": LlamaConfig(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "llama-2-7b": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    ),
+    "llama-3.1-8b": LlamaConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_id=(128001, 128008, 128009),
+        pad_token_id=None,
+    ),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Rotary embeddings
+# ---------------------------------------------------------------------------------------
+
+
+def rope_inverse_frequencies(cfg: LlamaConfig) -> np.ndarray:
+    """(head_dim // 2,) float32 inverse frequencies after rope scaling."""
+    dim = cfg.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / dim
+    inv_freq = (1.0 / (cfg.rope_theta**exponents)).astype(np.float32)
+    scaling = cfg.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return (inv_freq / scaling["factor"]).astype(np.float32)
+    # llama3: keep high frequencies, divide low ones by `factor`, blend in between.
+    factor = scaling["factor"]
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    return np.where(is_medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """positions (B, T) int -> cos, sin (B, T, head_dim) float32 (halves repeated)."""
+    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x (B, T, heads, head_dim) rotated in the rotate-half layout, in float32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    return x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer: each (L, B, S, kv_heads, head_dim), compute dtype."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q (B, T, H, Dh); k, v (B, S, KV, Dh); mask (B, T, S) bool -> (B, T, H * Dh).
+    Scores and softmax in float32.
+    """
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, dh)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(dh))
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h * dh)
+
+
+class Attention(nnx.Module):
+    """The q/k/v/o projections (q: embed -> heads, k/v: embed -> kv, o: heads -> embed).
+    ``Block`` calls them as modules, so a LoRA wrapper can replace any of them."""
+
+    def __init__(self, cfg: LlamaConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        d, q_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
+        kv_dim = cfg.num_key_value_heads * cfg.head_dim
+        kw = dict(rngs=rngs, stack=stack, policy=cfg.policy)
+        self.q_proj = Linear(d, q_dim, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, kv_dim, axes=("embed", "kv"), **kw)
+        self.v_proj = Linear(d, kv_dim, axes=("embed", "kv"), **kw)
+        self.o_proj = Linear(q_dim, d, axes=("heads", "embed"), **kw)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: LlamaConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        d, m = cfg.hidden_size, cfg.intermediate_size
+        kw = dict(rngs=rngs, stack=stack, policy=cfg.policy)
+        self.gate_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(d, m, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(m, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """One pre-norm transformer block; built stacked (``stack=(L,)``) and applied one
+    layer slice at a time inside ``scan_layers``."""
+
+    def __init__(self, cfg: LlamaConfig, *, stack: tuple[int, ...], rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.attn = Attention(cfg, stack=stack, rngs=rngs)
+        self.mlp = MLP(cfg, stack=stack, rngs=rngs)
+        self.input_norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, policy=cfg.policy
+        )
+        self.post_attn_norm = RMSNorm(
+            cfg.hidden_size, eps=cfg.rms_norm_eps, stack=stack, policy=cfg.policy
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        rope: tuple[jax.Array, jax.Array],
+        mask: jax.Array,
+        cache: KVCache | None,
+        layer_index: jax.Array,
+        cache_index: jax.Array | int,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """x (B, T, D) compute dtype; rope cos/sin (B, T, Dh); mask (B, T, S) bool;
+        cache: every layer's (L, B, S, KV, Dh) keys/values or None (then S = T); this
+        layer writes its T new entries at ``[layer_index, :, cache_index:]``.
+        Returns the new x and the updated cache (or None)."""
+        cfg, compute = self.cfg, self.cfg.policy.compute
+        b, t, _ = x.shape
+        h = self.input_norm(x).astype(compute)
+        q = self.attn.q_proj(h).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
+        k = self.attn.k_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        v = self.attn.v_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
+        cos, sin = rope
+        q = apply_rope(q, cos, sin).astype(compute)
+        k = apply_rope(k, cos, sin).astype(compute)
+        if cache is not None:
+            # Writing only the new entries into the whole-model cache (rather than
+            # scanning over per-layer caches) lets XLA update it in place.
+            start = (layer_index, 0, cache_index, 0, 0)
+            cache = KVCache(
+                jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
+            )
+            k, v = cache.k[layer_index], cache.v[layer_index]
+        x = x + self.attn.o_proj(attend(q, k, v, mask))
+        x = x + self.mlp(self.post_attn_norm(x).astype(compute))
+        return x, cache
+
+
+class Llama(nnx.Module):
+    """Decoder-only LLaMA: ``logits = model(input_ids, attention_mask=mask)``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, policy=cfg.policy)
+        self.layers = Block(cfg, stack=(cfg.num_hidden_layers,), rngs=rngs)
+        self.final_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, policy=cfg.policy)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(
+                cfg.hidden_size,
+                cfg.vocab_size,
+                axes=("embed", "vocab"),
+                rngs=rngs,
+                policy=cfg.policy,
+            )
+        )
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
+        """input_ids (B, T) int; attention_mask (B, T) {0,1} (None: all ones) ->
+        logits (B, T, V) float32. Positions count the unmasked tokens, so left and
+        right padding both give the unpadded result at the unmasked positions."""
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions = positions_from_mask(attention_mask)
+        hidden, _ = self.hidden_states(input_ids, positions, attention_mask.astype(bool))
+        return self.logits(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        key_mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final-normed hidden states, optionally reading/writing a KV cache.
+
+        input_ids, positions (B, T); key_mask (B, S) bool marks valid key slots, with
+        S = T without a cache and S = cache length with one; the T new tokens occupy
+        slots ``cache_index .. cache_index + T - 1`` and attend causally in slot order.
+        Returns hidden (B, T, D) float32 and the updated cache.
+        """
+        t = input_ids.shape[1]
+        s = key_mask.shape[1]
+        query_slots = cache_index + jnp.arange(t)
+        causal = jnp.arange(s)[None, :] <= query_slots[:, None]
+        mask = causal[None] & key_mask[:, None, :]
+        rope = rope_tables(self.cfg, positions)
+        x = self.embed(input_ids)
+
+        def body(layer: Block, carry: Any, layer_index: jax.Array) -> tuple[Any, None]:
+            x, cache = carry
+            return layer(x, rope, mask, cache, layer_index, cache_index), None
+
+        layer_indices = jnp.arange(self.cfg.num_hidden_layers)
+        (x, cache), _ = scan_layers(self.layers, body, (x, cache), layer_indices)
+        return self.final_norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden (..., D) -> logits (..., V) float32."""
+        if self.lm_head is None:
+            return self.embed.attend(hidden).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        """An empty cache for ``batch`` sequences of ``length`` slots."""
+        cfg = self.cfg
+        shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
+        zeros = jnp.zeros(shape, cfg.policy.compute)
+        return KVCache(zeros, zeros)
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """(B, T) {0,1} -> (B, T) int32 rotary positions: the index of each token among the
+    unmasked ones (padding gets a clipped, unused value)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoder-only loss: bos + prompt + label + eos, loss on the answer only
+# ---------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over the masked positions.
+
+    logits (B, T, V) float; labels (B, T) int: ``labels[b, t]`` is the token that
+    ``logits[b, t]`` must predict (already shifted, see ``decoder_only_example``);
+    loss_mask (B, T) {0,1}. Returns a float32 scalar (nats per answer token).
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_logp = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    weights = loss_mask.astype(jnp.float32)
+    return -jnp.sum(token_logp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def decoder_only_example(
+    prompt: Sequence[int],
+    answer: Sequence[int],
+    *,
+    length: int,
+    bos_id: int,
+    eos_id: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """One right-padded training row for ``bos + prompt + answer + eos``.
+
+    Returns int32 arrays of shape (length,): ``input_ids``, ``attention_mask``,
+    ``labels`` (the next token at each position) and ``loss_mask`` (1 exactly where
+    the next token is an answer token or the closing eos). A sequence longer than
+    ``length`` loses prompt tokens from the left; an answer that cannot fit raises.
+    """
+    room = length - len(answer) - 2
+    if room < 0:
+        raise ValueError(f"answer of {len(answer)} tokens does not fit in length {length}")
+    prompt = list(prompt)[max(0, len(prompt) - room) :]
+    sequence = [bos_id, *prompt, *answer, eos_id]
+    n = len(sequence)
+    ids = np.full((length,), pad_id, np.int32)
+    ids[:n] = sequence
+    labels = np.full((length,), pad_id, np.int32)
+    labels[: n - 1] = sequence[1:]
+    loss_mask = np.zeros((length,), np.int32)
+    # Position t predicts sequence[t + 1]; the answer starts at index 1 + len(prompt).
+    loss_mask[len(prompt) : n - 1] = 1
+    attention_mask = np.zeros((length,), np.int32)
+    attention_mask[:n] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "loss_mask": loss_mask,
+    }
