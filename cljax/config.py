@@ -43,17 +43,25 @@ class ModelConfig:
 class DataConfig:
     source: str = field("synthetic", "'synthetic' (built in), 'json' (benchmark dir) or 'tfds'")
     data_dir: str = field("", "benchmark root for json/tfds; empty = $CLJAX_DATA_DIR")
-    order: str = field("synthetic", "an order name (order1..order6) or comma-separated tasks")
-    tokenizer: str = field("byte", "'byte' (built in) or a Hugging Face tokenizer directory")
+    tfds_data_dir: str = field("", "where TFDS shards are built and read (source='tfds')")
+    order: str = field(
+        "topic,sentiment,entailment",
+        "json/tfds: an order (order1..order6) or comma-separated datasets; "
+        "synthetic: comma-separated task kinds",
+    )
+    tokenizer: str = field("bpe", "'bpe' (trained on the tasks, cached) or an HF tokenizer dir")
+    tokenizer_vocab_size: int = field(512, "vocabulary of the 'bpe' tokenizer")
     train_per_class: int = field(0, "training examples kept per class (0 = all), seeded")
     test_per_class: int = field(0, "test examples kept per class (0 = all), seeded")
-    heldout_per_class: int = field(0, "test items carved from train when a test split is missing")
+    holdout_fraction: float = field(
+        0.0, "carve a stratified test split of this fraction where one is missing (0 = error)"
+    )
+    invalid_labels: str = field("exclude", "items whose label is no option: exclude|error|keep")
     max_source_length: int = field(512, "prompt tokens kept (the trailing 'Answer:' always kept)")
     max_target_length: int = field(50, "label tokens kept")
+    truncation: str = field("keep_answer", "'keep_answer' or 'release' (cuts 'Answer:' off)")
     task_prefix: bool = field(True, "prefix prompts with 'Task:' and 'Dataset:' lines")
-    synthetic_train_size: int = field(512, "training examples per synthetic task")
-    synthetic_test_size: int = field(128, "test examples per synthetic task")
-    seed: int = field(42, "seed of subsampling, held-out splits and shuffling")
+    seed: int = field(42, "seed of subsampling, held-out splits, synthetic tasks, shuffling")
 
 
 @dataclasses.dataclass

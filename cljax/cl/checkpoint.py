@@ -54,6 +54,16 @@ class RunCheckpointer:
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
+    def read_record(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON record of a checkpoint (default: latest), without its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+        )
+        return restored["record"]
+
     def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore the checkpoint at ``step`` (default: latest) into arrays shaped,
         typed and sharded like ``like``."""

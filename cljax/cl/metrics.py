@@ -1,9 +1,11 @@
 """Continual-learning metrics from an accuracy matrix.
 
 ``acc[t, i]`` is the accuracy on task ``i`` (in the order's position) after training
-through task ``t``; shape ``(T, T)``. Entries for tasks not yet seen (``i > t``) may be
-NaN when only seen tasks were evaluated; cljax evaluates all tasks so that forward
-transfer is measurable. Units are whatever the matrix holds (cljax uses percent).
+through task ``t``; shape ``(T, T)``, or ``(1, T)`` for a joint (multi-task) run with a
+single training phase, where only the average accuracy is defined. Entries for tasks
+not yet seen (``i > t``) may be NaN when only seen tasks were evaluated; cljax
+evaluates all tasks so that forward transfer is measurable. Units are whatever the
+matrix holds (cljax uses percent).
 
 Definitions (protocol.md, rows and columns 0-indexed here):
 - AA (macro) = mean_i acc[T-1, i]; micro weights each task by its test-set size.
@@ -40,9 +42,11 @@ class ContinualMetrics:
 
 def _check_matrix(acc: np.ndarray) -> np.ndarray:
     acc = np.asarray(acc, dtype=np.float64)
-    if acc.ndim != 2 or acc.shape[0] != acc.shape[1] or acc.shape[0] == 0:
-        raise ValueError(f"accuracy matrix must be square (T, T) with T >= 1, got {acc.shape}")
-    seen = np.tril(np.ones(acc.shape, dtype=bool))
+    if acc.ndim != 2 or acc.shape[0] not in (1, acc.shape[1]) or acc.shape[1] == 0:
+        raise ValueError(
+            f"accuracy matrix must be square (T, T) or one joint row (1, T), got {acc.shape}"
+        )
+    seen = np.tril(np.ones(acc.shape, dtype=bool)) if is_sequence(acc) else np.ones_like(acc, bool)
     bad = np.argwhere(seen & ~np.isfinite(acc))
     if bad.size:
         t, i = bad[0]
@@ -50,6 +54,11 @@ def _check_matrix(acc: np.ndarray) -> np.ndarray:
             f"accuracy matrix entry [{t}, {i}] (task {i} after task {t}) is {acc[t, i]}"
         )
     return acc
+
+
+def is_sequence(acc: np.ndarray) -> bool:
+    """True for a sequential run's (T, T) matrix, False for a joint run's (1, T) row."""
+    return acc.shape[0] == acc.shape[1]
 
 
 def average_accuracy(acc: np.ndarray, test_sizes: Sequence[int] | None = None) -> float:
@@ -65,6 +74,8 @@ def average_accuracy(acc: np.ndarray, test_sizes: Sequence[int] | None = None) -
 
 def backward_transfer(acc: np.ndarray) -> float | None:
     acc = _check_matrix(acc)
+    if not is_sequence(acc):
+        return None
     last = acc.shape[0] - 1
     if last == 0:
         return None
@@ -75,6 +86,8 @@ def forward_transfer(acc: np.ndarray, base: Sequence[float]) -> float | None:
     """``base`` (T,): each task's accuracy before any training. Needs acc[i-1, i], i.e.
     an evaluation of every task before it is trained on."""
     acc = _check_matrix(acc)
+    if not is_sequence(acc):
+        return None
     base_arr = np.asarray(base, dtype=np.float64)
     if base_arr.shape != (acc.shape[0],):
         raise ValueError(f"base accuracies must have shape ({acc.shape[0]},), got {base_arr.shape}")
@@ -88,6 +101,8 @@ def forward_transfer(acc: np.ndarray, base: Sequence[float]) -> float | None:
 
 def forgetting(acc: np.ndarray) -> float | None:
     acc = _check_matrix(acc)
+    if not is_sequence(acc):
+        return None
     last = acc.shape[0] - 1
     if last == 0:
         return None

@@ -30,10 +30,13 @@ METRIC_COLUMNS = (
 
 
 def completed_rows(accuracy: np.ndarray) -> int:
-    """Leading rows whose seen-task entries (i <= t) are all filled in."""
+    """Leading rows whose seen-task entries are all filled in (i <= t for a sequence;
+    every task for a joint run's single row)."""
     done = 0
+    joint = accuracy.shape[0] != accuracy.shape[1]
     for t in range(accuracy.shape[0]):
-        if not np.all(np.isfinite(accuracy[t, : t + 1])):
+        seen = accuracy[t] if joint else accuracy[t, : t + 1]
+        if not np.all(np.isfinite(seen)):
             break
         done += 1
     return done
@@ -55,10 +58,12 @@ def write_accuracy(
     done = completed_rows(accuracy)
     metrics = None
     if done:
+        # A sequence is summarised over its completed tasks, a joint run over all.
+        n = done if accuracy.shape[0] == accuracy.shape[1] else accuracy.shape[1]
         metrics = summarize(
-            accuracy[:done, :done],
-            base=None if base is None else list(base)[:done],
-            test_sizes=None if test_sizes is None else list(test_sizes)[:done],
+            accuracy[:done, :n],
+            base=None if base is None else list(base)[:n],
+            test_sizes=None if test_sizes is None else list(test_sizes)[:n],
         )
     record: dict[str, Any] = {
         "method": method,
@@ -75,8 +80,13 @@ def write_accuracy(
         writer.writerow(["after_task", *tasks])
         for t in range(done):
             cells = [f"{v:.2f}" if math.isfinite(v) else "" for v in accuracy[t]]
-            writer.writerow([tasks[t], *cells])
+            writer.writerow([_phase_names(tasks, accuracy)[t], *cells])
     return metrics
+
+
+def _phase_names(tasks: Sequence[str], accuracy: np.ndarray) -> list[str]:
+    """Row labels: the task trained in each phase, or "all tasks" for a joint run."""
+    return list(tasks) if accuracy.shape[0] == accuracy.shape[1] else ["all tasks"]
 
 
 def read_accuracy(run_dir: Path) -> dict[str, Any]:
@@ -121,13 +131,13 @@ def plot_run(run_dir: Path) -> list[Path]:
     acc, tasks = record["accuracy"], record["tasks"]
     paths = [Path(run_dir) / "accuracy_matrix.png", Path(run_dir) / "accuracy_curves.png"]
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(tasks), 1.0 + 0.6 * len(tasks)))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(tasks), 1.0 + 0.6 * acc.shape[0] + 1.0))
     image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis")
     for (t, i), value in np.ndenumerate(acc):
         if math.isfinite(value):
             ax.text(i, t, f"{value:.0f}", ha="center", va="center", color="w", fontsize=8)
     ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_yticks(range(acc.shape[0]), _phase_names(tasks, acc))
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
     ax.set_title(f"{record['method']}: accuracy (%)")
@@ -140,7 +150,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     done = record["tasks_done"]
     for i, task in enumerate(tasks):
         ax.plot(range(done), acc[:done, i], marker="o", label=task)
-    ax.set_xticks(range(done), tasks[:done], rotation=45, ha="right")
+    ax.set_xticks(range(done), _phase_names(tasks, acc)[:done], rotation=45, ha="right")
     ax.set_xlabel("after training on")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)

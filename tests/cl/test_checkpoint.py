@@ -51,3 +51,9 @@ def test_restore_without_checkpoint_names_the_directory(tmp_path):
     with RunCheckpointer(tmp_path / "empty") as ckpt:
         with pytest.raises(FileNotFoundError, match="empty"):
             ckpt.restore(_state(0.0))
+
+
+def test_read_record_without_arrays(tmp_path):
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(5, _state(1.0), {"phase": 2})
+        assert ckpt.read_record() == {"phase": 2}

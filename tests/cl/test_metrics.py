@@ -53,3 +53,12 @@ def test_bad_matrices_name_the_entry():
         metrics.forward_transfer(np.array([[1.0, NAN], [1.0, 2.0]]), [0.0, 0.0])
     with pytest.raises(ValueError, match="test_sizes"):
         metrics.average_accuracy(ACC, [1, 2])
+
+
+def test_joint_row_has_only_average_accuracy():
+    m = metrics.summarize(np.array([[80.0, 60.0, 70.0]]), base=[0, 0, 0], test_sizes=[1, 1, 2])
+    assert m.average_accuracy == pytest.approx(70.0)
+    assert m.average_accuracy_micro == pytest.approx(70.0)
+    assert m.backward_transfer is None and m.forward_transfer is None and m.forgetting is None
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        metrics.summarize(np.array([[80.0, NAN, 70.0]]))

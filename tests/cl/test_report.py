@@ -49,3 +49,11 @@ def test_plots_and_comparison_table(tmp_path):
 def test_compare_names_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not-a-run"):
         report.compare_runs([tmp_path / "not-a-run"])
+
+
+def test_joint_run_writes_one_row(tmp_path):
+    metrics = _write(tmp_path / "mtl", "mtl", [[70.0, 80.0, 90.0]])
+    assert metrics.average_accuracy == pytest.approx(80.0)
+    rows = (tmp_path / "mtl" / "accuracy.csv").read_text().splitlines()
+    assert rows[1] == "all tasks,70.00,80.00,90.00"
+    assert all(p.stat().st_size > 1000 for p in report.plot_run(tmp_path / "mtl"))

@@ -1,0 +1,202 @@
+"""What the continual loop needs of a model family, in one table per family: how to
+build the model for a tokenizer, its batch format, its loss, per-row answer
+log-likelihoods (rank classification), greedy generation, and the parameter targets of
+the methods (OSF matrices, LoRA modules, GORP full weights) as path regexes.
+
+Paths are ``/``-joined state paths (``cljax.optim.subspace.path_to_str``); LoRA targets
+are module paths (``layers/attn/q_proj``); a weight wrapped by LoRA lives under
+``.../base/kernel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cljax.config import ModelConfig
+from cljax.data.batching import Batch, TextTokenizer
+from cljax.models.layers import DTypePolicy
+
+
+def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """logits (B, T, V), labels (B, T) int -> float32 (B, T) log p(label)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def masked_mean_nll(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean negative log-likelihood over the positions where ``loss_mask`` is 1."""
+    weights = loss_mask.astype(jnp.float32)
+    total = -jnp.sum(token_logprobs(logits, labels) * weights)
+    return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One model family as the loop sees it.
+
+    Attributes:
+      name: ``llama`` or ``t5``.
+      format: batch format of ``cljax.data.batching`` (``decoder`` / ``seq2seq``).
+      build: ``(model_cfg, tokenizer, rngs) -> (model, family config)``.
+      logits: ``(model, batch) -> (B, T, V)`` float32 logits at the loss positions.
+      generate: ``(model, prompts, max_new_tokens, tokenizer) -> list of token lists``;
+        prompts are the batch builders' prompt ids (no specials).
+      osf_targets: parameter-path regexes of the matrices OSF constrains (authors' set).
+      lora_targets: module-path regexes LoRA wraps (q and v of attention).
+      gorp_full_targets: parameter-path regexes of GORP's full-rank weights.
+    """
+
+    name: str
+    format: Literal["decoder", "seq2seq"]
+    build: Callable[[ModelConfig, TextTokenizer, nnx.Rngs], tuple[nnx.Module, Any]]
+    logits: Callable[[nnx.Module, Batch], jax.Array]
+    generate: Callable[[nnx.Module, Sequence[np.ndarray], int, TextTokenizer], list[list[int]]]
+    osf_targets: tuple[str, ...]
+    lora_targets: tuple[str, ...]
+    gorp_full_targets: tuple[str, ...]
+
+    def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
+        """Mean token NLL of the answers (float32 scalar)."""
+        return masked_mean_nll(self.logits(model, batch), batch.labels, batch.loss_mask)
+
+    def answer_logprob(self, model: nnx.Module, batch: Batch) -> jax.Array:
+        """(B,) summed log-likelihood of each row's answer tokens (and eos)."""
+        logp = token_logprobs(self.logits(model, batch), batch.labels)
+        return jnp.sum(logp * batch.loss_mask.astype(jnp.float32), axis=-1)
+
+
+def _policy(cfg: ModelConfig) -> DTypePolicy:
+    return DTypePolicy(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
+
+
+def _from_checkpoint(cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[nnx.Module, Any]:
+    from cljax.models.convert import load_hf_checkpoint
+
+    model, model_cfg = load_hf_checkpoint(cfg.checkpoint, policy=_policy(cfg), **cfg.overrides)
+    if model_cfg.vocab_size < tokenizer.vocab_size:
+        raise ValueError(
+            f"checkpoint {cfg.checkpoint} has vocab_size {model_cfg.vocab_size} but tokenizer "
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens"
+        )
+    return model, model_cfg
+
+
+# --------------------------------------------------------------------------- LLaMA
+
+
+def _build_llama(cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs):
+    from cljax.models.llama import Llama, LlamaConfig
+
+    if cfg.checkpoint:
+        return _from_checkpoint(cfg, tokenizer)
+    fields = {
+        "vocab_size": tokenizer.vocab_size,
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        **cfg.overrides,
+    }
+    model_cfg = LlamaConfig.preset(cfg.preset, policy=_policy(cfg), **fields)
+    return Llama(model_cfg, rngs=rngs), model_cfg
+
+
+def _llama_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+    return model(batch.input_ids, attention_mask=batch.attention_mask)
+
+
+def _llama_generate(model, prompts, max_new_tokens, tokenizer):
+    from cljax.models.generate import generate_llama
+
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    out = generate_llama(
+        model,
+        [[*bos, *p.tolist()] for p in prompts],
+        max_new_tokens,
+        eos_token_ids=(tokenizer.eos_id,),
+        pad_token_id=tokenizer.pad_id,
+    )
+    return out.as_lists()
+
+
+LLAMA = Family(
+    name="llama",
+    format="decoder",
+    build=_build_llama,
+    logits=_llama_logits,
+    generate=_llama_generate,
+    osf_targets=(r"layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/(base/)?kernel$",),
+    lora_targets=(r"attn/q_proj$", r"attn/v_proj$"),
+    gorp_full_targets=(r"mlp/gate_proj/(base/)?kernel$",),
+)
+
+
+# --------------------------------------------------------------------------- T5
+
+
+def _build_t5(cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs):
+    from cljax.models.t5 import T5, T5Config
+
+    if cfg.checkpoint:
+        return _from_checkpoint(cfg, tokenizer)
+    fields = {
+        "vocab_size": tokenizer.vocab_size,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "decoder_start_token_id": tokenizer.pad_id,
+        **cfg.overrides,
+    }
+    model_cfg = T5Config.preset(cfg.preset, policy=_policy(cfg), **fields)
+    return T5(model_cfg, rngs=rngs), model_cfg
+
+
+def _t5_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+    return model(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.decoder_input_ids,
+        batch.decoder_attention_mask,
+    )
+
+
+def _t5_generate(model, prompts, max_new_tokens, tokenizer):
+    from cljax.models.generate import generate_t5
+
+    out = generate_t5(
+        model,
+        [[*p.tolist(), tokenizer.eos_id] for p in prompts],
+        max_new_tokens,
+        eos_token_ids=(tokenizer.eos_id,),
+        pad_token_id=tokenizer.pad_id,
+    )
+    return out.as_lists()
+
+
+T5_FAMILY = Family(
+    name="t5",
+    format="seq2seq",
+    build=_build_t5,
+    logits=_t5_logits,
+    generate=_t5_generate,
+    # Authors' targets: self-attention q, k, v, o and the feed-forward of both stacks.
+    osf_targets=(
+        r"(encoder|decoder)/layers/(self_attn/[qkvo]_proj|mlp/(wi|wi_0|wi_1|wo))/(base/)?kernel$",
+    ),
+    # O-LoRA's target_modules ["q", "v"] match self- and cross-attention q and v.
+    lora_targets=(r"attn/q_proj$", r"attn/v_proj$"),
+    gorp_full_targets=(r"decoder/layers/cross_attn/(q|v)_proj/(base/)?kernel$",),
+)
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, T5_FAMILY)}
+
+
+def get_family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
+    return FAMILIES[name]

@@ -1,0 +1,552 @@
+"""The continual loop: for each task of the order, ``prepare`` / ``begin_task``, train
+(one jitted step with donated state, over a device mesh), ``end_task``, evaluate every
+task (one row of the accuracy matrix), checkpoint.
+
+Everything that can fail on bad input (data directory, tokenizer, method name, options
+and targets, batch sizes vs devices) is checked before the first step. A run killed at
+any moment and started again with the same command resumes from its last checkpoint and
+ends with the same accuracy matrix: the data order is a function of (seed, task, epoch),
+dropout keys of (seed, task, step), and the structure (LoRA pairs, ...) is rebuilt by
+replaying ``prepare`` before the checkpointed arrays are restored into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from cljax import parallel
+from cljax.cl import report
+from cljax.cl.backbone import Family, get_family
+from cljax.cl.checkpoint import RunCheckpointer
+from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
+from cljax.cl.methods import Method, get_method
+from cljax.config import Config
+from cljax.data import batching, sources
+from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
+from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
+from cljax.models import lora
+from cljax.optim.regularizers import fisher_diagonal
+
+PyTree = Any
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN or inf loss; the run's last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    """The tasks of a run, tokenized once."""
+
+    names: tuple[str, ...]
+    train: tuple[EncodedSplit, ...]
+    test: tuple[EncodedSplit, ...]
+    tokenizer: TextTokenizer
+    metadata: tuple[dict[str, Any], ...]
+
+
+def load_benchmark_data(cfg: Config) -> Benchmark:
+    """Read (or generate) the tasks, load or train the tokenizer, tokenize every split."""
+    data = cfg.data
+    names = tuple(n.strip() for n in data.order.split(",") if n.strip())
+    if data.source == "synthetic":
+        defaults = SyntheticConfig()
+        tasks = synthetic_benchmark(
+            SyntheticConfig(
+                seed=data.seed,
+                kinds=names,
+                train_per_class=data.train_per_class or defaults.train_per_class,
+                test_per_class=data.test_per_class or defaults.test_per_class,
+            )
+        )
+    elif data.source in ("json", "tfds"):
+        source_cfg = sources.SourceConfig(
+            source=data.source,
+            data_dir=data.data_dir or None,
+            tfds_data_dir=data.tfds_data_dir or None,
+            train_per_class=data.train_per_class or None,
+            test_per_class=data.test_per_class or None,
+            seed=data.seed,
+            holdout_fraction=data.holdout_fraction or None,
+            invalid_labels=data.invalid_labels,
+        )
+        single = len(names) == 1 and names[0].startswith("order")
+        tasks = sources.load_benchmark(names[0] if single else names, source_cfg)
+    else:
+        raise ValueError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
+    if data.tokenizer == "bpe":
+        tokenizer = batching.task_tokenizer(tasks, vocab_size=data.tokenizer_vocab_size)
+    else:
+        tokenizer = batching.load_tokenizer(data.tokenizer)
+
+    def encode(task: sources.TaskData, examples: Sequence[sources.Example]) -> EncodedSplit:
+        return batching.encode_split(
+            task.spec,
+            examples,
+            tokenizer,
+            max_source_tokens=data.max_source_length,
+            max_target_tokens=data.max_target_length,
+            truncation=data.truncation,
+            add_task_name=data.task_prefix,
+            add_dataset_name=data.task_prefix,
+        )
+
+    return Benchmark(
+        names=tuple(t.spec.name for t in tasks),
+        train=tuple(encode(t, t.train) for t in tasks),
+        test=tuple(encode(t, t.test) for t in tasks),
+        tokenizer=tokenizer,
+        metadata=tuple(t.metadata for t in tasks),
+    )
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
+    """The schedule of one task over ``total_steps`` optimizer steps (restarts per task)."""
+    train = cfg.train
+    peak = train.learning_rate
+    warmup = min(train.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    if train.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif train.schedule == "linear":
+        after = optax.linear_schedule(peak, 0.0, decay_steps)
+    elif train.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, decay_steps)
+    else:
+        raise ValueError(f"train.schedule={train.schedule!r}; valid: constant, linear, cosine")
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
+
+
+def make_transform(
+    cfg: Config, method: Method, t: int, params: PyTree, steps: int
+) -> optax.GradientTransformation:
+    """Gradient clipping, then the method's transform; accumulation wraps both."""
+    tx = method.optimizer(t, params, learning_rate_schedule(cfg, steps))
+    if cfg.train.clip_norm > 0:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.train.clip_norm), tx)
+    if cfg.train.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=cfg.train.grad_accum_steps)
+    return tx
+
+
+def make_train_step(
+    family: Family, method: Method, tx: optax.GradientTransformation, graphdef: Any
+) -> Callable:
+    """``step(params, opt_state, rest, batch, key, arrays) -> (params, opt_state, stats)``
+    jitted, with the parameters and the optimizer state donated."""
+
+    def loss_of(params, rest, batch, key, arrays):
+        model = nnx.merge(graphdef, params, rest)
+        if lora.lora_modules(model):
+            lora.reseed_dropout(model, key)
+        loss = family.loss(model, batch)
+        extra = method.penalty(model, arrays)
+        return (loss if extra is None else loss + extra), loss
+
+    def step(params, opt_state, rest, batch, key, arrays):
+        (total, loss), grads = jax.value_and_grad(loss_of, has_aux=True)(
+            params, rest, batch, key, arrays
+        )
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "total": total}
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def device_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+    """Put a host batch on the mesh, rows split over the data-parallel axes."""
+    return jax.tree.map(
+        lambda x: jax.device_put(x, parallel.batch_sharding(mesh, np.ndim(x))), batch
+    )
+
+
+# --------------------------------------------------------------------------- run state
+
+
+@dataclasses.dataclass
+class Position:
+    """Where a run is, saved with every checkpoint."""
+
+    accuracy: np.ndarray  # (phases, T) percent; NaN where not evaluated yet
+    base: list[float] | None  # the untrained model's accuracy per task (for FWT)
+    phase: int = 0  # the training phase in progress (a task; MTL has a single one)
+    step: int = 0  # optimizer steps done in this phase
+    phase_done: bool = False  # trained, end_task run, evaluated
+    global_step: int = 0
+
+    def record(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["accuracy"] = [[None if math.isnan(v) else float(v) for v in r] for r in self.accuracy]
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Position:
+        fields = dict(record)
+        fields["accuracy"] = np.array(
+            [[np.nan if v is None else v for v in r] for r in record["accuracy"]], np.float64
+        )
+        return cls(**fields)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class ContinualRun:
+    """One experiment: the data, model, method, mesh, checkpoints and outputs of a config.
+
+    Construction does every start-up check (and the slow data loading), so a bad config
+    fails before training; ``run()`` trains, evaluates and writes the run directory.
+    """
+
+    def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
+        self.cfg = cfg
+        self.log = log
+        self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
+        self.family = get_family(cfg.model.family)
+        self.method = get_method(
+            cfg.method.name,
+            dict(cfg.method.options),
+            self.family,
+            weight_decay=cfg.train.weight_decay,
+            seed=cfg.train.seed,
+        )
+        if cfg.eval.mode not in ("generate", "rank"):
+            raise ValueError(f"eval.mode={cfg.eval.mode!r}; valid: generate, rank")
+        self.mesh = parallel.make_mesh(dict(cfg.run.mesh) or None)
+        n_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        for key, size in (
+            ("train.batch_size", cfg.train.batch_size),
+            ("eval.batch_size", cfg.eval.batch_size),
+        ):
+            if size % n_rows:
+                raise ValueError(
+                    f"{key}={size} is not divisible by the {n_rows} data-parallel devices"
+                )
+        self.data = load_benchmark_data(cfg)
+        self.rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
+        self.model, self.model_cfg = self.family.build(cfg.model, self.data.tokenizer, self.rngs)
+        self.method.setup(self.model, self.rngs)
+        parallel.shard_module(self.model, self.mesh)
+        self.phases = 1 if self.method.joint else len(self.data.names)
+        self.batch_config = BatchConfig(
+            format=self.family.format,
+            batch_size=cfg.train.batch_size,
+            max_source_tokens=cfg.data.max_source_length,
+            max_target_tokens=cfg.data.max_target_length,
+            decoder_start_id=self.data.tokenizer.pad_id,
+        )
+        self._rank_fns: dict[Any, Callable] = {}
+
+    # -- evaluation ------------------------------------------------------------------
+    def evaluate_task(self, i: int) -> TaskScore:
+        ev = self.cfg.eval
+        self.model.eval()
+        try:
+            if ev.mode == "generate":
+                return evaluate_generate(
+                    self.family,
+                    self.model,
+                    self.data.test[i],
+                    self.data.tokenizer,
+                    batch_size=ev.batch_size,
+                    max_new_tokens=ev.max_new_tokens,
+                )
+            graphdef, state = nnx.split(self.model)
+            if graphdef not in self._rank_fns:
+                family = self.family
+                self._rank_fns[graphdef] = jax.jit(
+                    lambda s, b: family.answer_logprob(nnx.merge(graphdef, s), b)
+                )
+            score = self._rank_fns[graphdef]
+            return evaluate_rank(
+                lambda b: score(state, device_batch(b, self.mesh)),
+                self.data.test[i],
+                self.data.tokenizer,
+                dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
+            )
+        finally:
+            self.model.train()
+
+    def evaluate_row(self, seen: int) -> np.ndarray:
+        """Accuracy on every task (``eval.all_tasks``) or on the first ``seen``."""
+        upto = len(self.data.names) if self.cfg.eval.all_tasks else seen
+        row = np.full(len(self.data.names), np.nan)
+        for i in range(upto):
+            score = self.evaluate_task(i)
+            row[i] = score.accuracy
+            self.log(
+                f"  {self.data.names[i]}: {score.accuracy:.2f} ({score.correct}/{score.total})"
+            )
+        return row
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _state(self, opt_state: PyTree | None) -> dict[str, Any]:
+        state = {"model": nnx.state(self.model), "method": self.method.arrays}
+        if opt_state is not None:
+            state["opt"] = opt_state
+        return state
+
+    def _restore(self, ckpt: RunCheckpointer, step: int, opt_like: PyTree | None) -> PyTree:
+        restored, _ = ckpt.restore(self._state(opt_like), step)
+        nnx.update(self.model, restored["model"])
+        self.method.arrays = restored["method"]
+        return restored.get("opt")
+
+    # -- main ------------------------------------------------------------------------
+    def run(self) -> report.ContinualMetrics | None:
+        """Train through the order (resuming if the run directory has a checkpoint) and
+        write the outputs; returns the final metrics."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.cfg.to_json())
+        data_info = {
+            "tasks": list(self.data.names),
+            "metadata": list(self.data.metadata),
+            "tokenizer": self.data.tokenizer.path,
+            "vocab_size": self.data.tokenizer.vocab_size,
+        }
+        (self.run_dir / "data.json").write_text(json.dumps(data_info, indent=2, default=str))
+        with RunCheckpointer(self.run_dir / "checkpoints") as ckpt:
+            metrics = self._run(ckpt)
+        self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
+        return metrics
+
+    def _run(self, ckpt: RunCheckpointer) -> report.ContinualMetrics | None:
+        names, method = self.data.names, self.method
+        latest = ckpt.latest_step()
+        carried: PyTree | None = None
+        resume_mid: int | None = None
+        if latest is None:
+            pos = Position(np.full((self.phases, len(names)), np.nan), None)
+            if self.cfg.eval.all_tasks and not method.joint:
+                self.log("untrained model (for forward transfer):")
+                pos.base = [float(v) for v in self.evaluate_row(len(names))]
+            start = 0
+        else:
+            pos = Position.from_record(ckpt.read_record(latest))
+            self.log(f"resuming {self.run_dir} at phase {pos.phase}, step {pos.step}")
+            for p in range(pos.phase + 1):  # rebuild the structure the arrays were saved in
+                method.prepare(p, self.model, self.rngs)
+            if pos.phase_done:
+                opt_like = None
+                if method.carries_optimizer_state:
+                    opt_like = self._fresh_optimizer(pos.phase)[1]
+                carried = self._restore(ckpt, latest, opt_like)
+                start = pos.phase + 1
+            else:
+                resume_mid, start = latest, pos.phase
+        for phase in range(start, self.phases):
+            if resume_mid is None:
+                method.prepare(phase, self.model, self.rngs)
+                pos.phase, pos.step, pos.phase_done = phase, 0, False
+            carried = self._train_phase(ckpt, pos, carried, resume_mid)
+            if not method.carries_optimizer_state:
+                carried = None
+            resume_mid = None
+            row = self.evaluate_row(len(names) if method.joint else phase + 1)
+            if method.keeps_task_models:  # each earlier task keeps its own model
+                row[:phase] = np.diag(pos.accuracy)[:phase]
+            pos.accuracy[phase] = row
+            pos.phase_done = True
+            ckpt.save(pos.global_step, self._state(carried), pos.record())
+            metrics = self._write_outputs(pos)
+            if metrics is not None:
+                self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
+        return self._write_outputs(pos)
+
+    def _phase_name(self, phase: int) -> str:
+        return "all tasks" if self.method.joint else self.data.names[phase]
+
+    def _steps(self, split: EncodedSplit) -> int:
+        per_epoch = batching.num_batches(len(split), self.batch_config)
+        steps = per_epoch * self.cfg.train.epochs // self.cfg.train.grad_accum_steps
+        if self.cfg.train.max_steps_per_task:
+            steps = min(steps, self.cfg.train.max_steps_per_task)
+        return max(steps, 1)
+
+    def _fresh_optimizer(self, phase: int):
+        split = self.method.train_split(phase, self.data.train)
+        _, params, _ = nnx.split(self.model, self.method.trainable(), ...)
+        tx = make_transform(self.cfg, self.method, phase, params, self._steps(split))
+        return tx, tx.init(params)
+
+    def _write_outputs(self, pos: Position) -> report.ContinualMetrics | None:
+        metrics = report.write_accuracy(
+            self.run_dir,
+            method=self.cfg.method.name,
+            tasks=self.data.names,
+            accuracy=pos.accuracy,
+            base=pos.base,
+            test_sizes=[len(s) for s in self.data.test],
+        )
+        if report.completed_rows(pos.accuracy):
+            report.plot_run(self.run_dir)
+        return metrics
+
+    def _train_phase(
+        self,
+        ckpt: RunCheckpointer,
+        pos: Position,
+        carried: PyTree | None,
+        resume_step: int | None,
+    ) -> PyTree:
+        """Train one phase from ``pos.step`` on; returns the optimizer state that
+        ``end_task`` hands to the next phase."""
+        cfg, method, phase = self.cfg, self.method, pos.phase
+        name = self._phase_name(phase)
+        method.begin_task(phase, self.model)
+        split = method.train_split(phase, self.data.train)
+        total = self._steps(split)
+        self.model.train()
+        _, params, _ = nnx.split(self.model, method.trainable(), ...)
+        tx = make_transform(cfg, method, phase, params, total)
+        opt_state = carried if carried is not None else tx.init(params)
+        if resume_step is not None:
+            opt_state = self._restore(ckpt, resume_step, opt_state)
+        graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
+        step_fn = make_train_step(self.family, method, tx, graphdef)
+
+        accum = cfg.train.grad_accum_steps
+        per_epoch = batching.num_batches(len(split), self.batch_config)
+        micro, total_micro = pos.step * accum, total * accum
+        key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
+        writer = _tensorboard(self.run_dir)
+        progress = _Progress(total, pos.step, name, cfg.run.progress)
+        started = time.perf_counter()
+        with open(self.run_dir / "metrics.jsonl", "a") as log_file:
+            try:
+                while micro < total_micro:
+                    epoch, offset = divmod(micro, per_epoch)
+                    for batch in batching.train_batches(
+                        split,
+                        self.data.tokenizer,
+                        self.batch_config,
+                        epoch=epoch,
+                        seed=cfg.data.seed + 1000 * phase,
+                        start_step=offset,
+                    ):
+                        if micro >= total_micro:
+                            break
+                        params, opt_state, stats = step_fn(
+                            params,
+                            opt_state,
+                            rest,
+                            device_batch(batch, self.mesh),
+                            jax.random.fold_in(key, micro),
+                            method.arrays,
+                        )
+                        micro += 1
+                        if micro % accum:
+                            continue
+                        pos.step += 1
+                        pos.global_step += 1
+                        loss, loss_total = float(stats["loss"]), float(stats["total"])
+                        if not (math.isfinite(loss) and math.isfinite(loss_total)):
+                            raise NonFiniteLossError(
+                                f"non-finite loss {loss_total} in task {name!r} (phase {phase})"
+                                f" at step {pos.step}; the last good checkpoint (step "
+                                f"{ckpt.latest_step()}) is kept in {ckpt.directory}"
+                            )
+                        entry = {
+                            "phase": phase,
+                            "task": name,
+                            "step": pos.step,
+                            "global_step": pos.global_step,
+                            "loss": loss,
+                            "total_loss": loss_total,
+                            "seconds": round(time.perf_counter() - started, 3),
+                        }
+                        log_file.write(json.dumps(entry) + "\n")
+                        if writer is not None:
+                            writer.add_scalar(f"loss/{name}", loss, pos.global_step)
+                        progress.update(loss)
+                        every = cfg.run.checkpoint_every_steps
+                        if every and pos.step % every == 0 and pos.step < total:
+                            nnx.update(self.model, params, rest)
+                            ckpt.save(pos.global_step, self._state(opt_state), pos.record())
+            finally:
+                progress.close()
+                if writer is not None:
+                    writer.close()
+        nnx.update(self.model, params, rest)
+        return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+
+    def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
+        """Diagonal Fisher of the parameters on ``fisher_batches`` batches of the task,
+        all padded to one shape so that the squared gradients are taken in one scan."""
+        n = int(self.method.hp.get("fisher_batches", 8))
+        lengths = batching.sequence_lengths(
+            split, self.data.tokenizer, self.family.format, train=True
+        )
+        config = dataclasses.replace(
+            self.batch_config,
+            buckets=(int(lengths.max()),),
+            target_buckets=(self.cfg.data.max_target_length,),
+        )
+        batches = []
+        for batch in batching.train_batches(
+            split, self.data.tokenizer, config, epoch=0, seed=self.cfg.data.seed + 7 * phase
+        ):
+            batches.append(batch)
+            if len(batches) == n:
+                break
+        stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *batches)
+        graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
+        family = self.family
+
+        @jax.jit
+        def compute(params, rest, stacked):
+            loss = lambda p, b: family.loss(nnx.merge(graphdef, p, rest), b)
+            return nnx.to_pure_dict(fisher_diagonal(loss, params, stacked))
+
+        return compute(params, rest, stacked)
+
+
+class _Progress:
+    """A tqdm bar with the loss, steps/s and ETA (off when ``enabled`` is False)."""
+
+    def __init__(self, total: int, done: int, name: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=done, desc=name, unit="step", leave=False)
+
+    def update(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _tensorboard(run_dir: Path) -> Any:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def run_experiment(cfg: Config, *, log: Callable[[str], None] = print):
+    """Run (or resume) the experiment of ``cfg``; returns its final metrics."""
+    return ContinualRun(cfg, log=log).run()
