@@ -1,0 +1,89 @@
+"""Command line: ``cljax run CONFIG [key=value ...]``, ``cljax compare RUN_DIR ...`` and
+``cljax config [CONFIG]``.
+
+``run --methods a,b,c`` runs the same config once per method (run directories
+``<run.name>-<method>``) and prints the comparison table, as the demo does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from cljax import config as config_lib
+
+
+def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
+    return config_lib.apply_overrides(config_lib.load_config(path), overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cljax.cl import report
+    from cljax.cl.loop import run_experiment
+
+    cfg = _load(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else [None]
+    run_dirs = []
+    for method in methods:
+        one = cfg
+        if method is not None:
+            one = config_lib.apply_overrides(
+                cfg, [f"method.name={method}", f"run.name={cfg.run.name}-{method}"]
+            )
+        print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
+        run_experiment(one)
+        run_dirs.append(Path(one.run.out_dir) / one.run.name)
+    if len(run_dirs) > 1:
+        plot = Path(cfg.run.out_dir) / f"{cfg.run.name}-compare.png"
+        print(report.compare_runs(run_dirs, plot))
+        print(f"plot: {plot}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from cljax.cl import report
+
+    print(report.compare_runs([Path(d) for d in args.run_dirs], args.plot))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args.config, args.overrides) if args.config else config_lib.Config()
+    print("\n".join(config_lib.describe(cfg)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cljax", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run (or resume) a continual experiment")
+    run.add_argument("config", help="a Python config file defining get_config()")
+    run.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    run.add_argument("--methods", help="comma-separated methods: one run each, then compare")
+    run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", help="one table (and plot) over several run dirs")
+    compare.add_argument("run_dirs", nargs="+")
+    compare.add_argument("--plot", type=Path, default=None, help="write a bar plot here")
+    compare.set_defaults(func=cmd_compare)
+    show = sub.add_parser("config", help="print every config field with its documentation")
+    show.add_argument("config", nargs="?")
+    show.add_argument("overrides", nargs="*")
+    show.set_defaults(func=cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (KeyError, ValueError, FileNotFoundError, AttributeError, TypeError) as err:
+        # Configuration and input errors: one clear line, no traceback.
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"cljax: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
