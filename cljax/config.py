@@ -59,6 +59,9 @@ class DataConfig:
     invalid_labels: str = field("exclude", "items whose label is no option: exclude|error|keep")
     max_source_length: int = field(512, "prompt tokens kept (the trailing 'Answer:' always kept)")
     max_target_length: int = field(50, "label tokens kept")
+    length_buckets: list = field(
+        [], "padded sequence lengths allowed (fewer = fewer compiles); [] = powers of two"
+    )
     truncation: str = field("keep_answer", "'keep_answer' or 'release' (cuts 'Answer:' off)")
     task_prefix: bool = field(True, "prefix prompts with 'Task:' and 'Dataset:' lines")
     seed: int = field(42, "seed of subsampling, held-out splits, synthetic tasks, shuffling")

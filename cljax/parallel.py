@@ -39,23 +39,26 @@ def make_mesh(
 ) -> Mesh:
     """A mesh over ``devices`` (default: all). ``shape`` gives sizes for some of
     ``data``/``fsdp``/``tensor``; one size may be -1 and ``data`` takes the rest by default
-    (pure data parallelism)."""
+    (pure data parallelism). Fully specified sizes may use fewer devices than there
+    are (the first ones), e.g. ``{"data": 1}`` for a single-device run."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = {"data": -1, "fsdp": 1, "tensor": 1, **(shape or {})}
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {list(MESH_AXES)}")
-    fixed = [sizes[a] for a in MESH_AXES if sizes[a] != -1]
-    if sum(1 for a in MESH_AXES if sizes[a] == -1) > 1:
+    free = [a for a in MESH_AXES if sizes[a] == -1]
+    if len(free) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-    known = int(np.prod(fixed)) if fixed else 1
-    if len(devices) % known:
-        raise ValueError(f"mesh {sizes} does not divide {len(devices)} devices")
-    resolved = tuple(len(devices) // known if sizes[a] == -1 else sizes[a] for a in MESH_AXES)
-    if int(np.prod(resolved)) != len(devices):
-        named = dict(zip(MESH_AXES, resolved, strict=True))
-        raise ValueError(f"mesh {named} needs {np.prod(resolved)} devices, have {len(devices)}")
-    return Mesh(np.array(devices).reshape(resolved), MESH_AXES)
+    known = int(np.prod([sizes[a] for a in MESH_AXES if sizes[a] != -1]))
+    if free:
+        if len(devices) % known:
+            raise ValueError(f"mesh {sizes} does not divide {len(devices)} devices")
+        sizes[free[0]] = len(devices) // known
+    elif known > len(devices):
+        raise ValueError(f"mesh {sizes} needs {known} devices, have {len(devices)}")
+    resolved = tuple(sizes[a] for a in MESH_AXES)
+    used = devices[: int(np.prod(resolved))]
+    return Mesh(np.array(used).reshape(resolved), MESH_AXES)
 
 
 def logical_to_spec(

@@ -6,6 +6,9 @@ from pathlib import Path
 # Sharding tests need several devices; JAX reads this once, at initialisation.
 os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Compiles dominate the suite's time; LLVM's optimisations halve them and do not change
+# what is computed (tests compare against references with tolerances, not timings).
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 import pytest  # noqa: E402
 

@@ -33,6 +33,10 @@ def test_make_mesh_defaults_to_data_parallel():
         parallel.make_mesh({"model": 2})
     with pytest.raises(ValueError, match="does not divide"):
         parallel.make_mesh({"tensor": 3})
+    with pytest.raises(ValueError, match="needs 64 devices"):
+        parallel.make_mesh({"data": 64})
+    single = parallel.make_mesh({"data": 1})
+    assert single.devices.size == 1 and single.devices.flat[0] == jax.devices()[0]
 
 
 def test_logical_to_spec_uses_each_mesh_axis_once_and_replicates_indivisible_dims():

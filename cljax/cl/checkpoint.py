@@ -14,21 +14,37 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 PyTree = Any
 
 
-def _abstract(tree: PyTree) -> PyTree:
-    """Shapes, dtypes and shardings of a pytree of arrays, for a restore that places
-    every array exactly where the live state has it."""
+def _flat(tree: PyTree) -> tuple[dict[str, Any], list[Any], Any]:
+    """``({name: leaf} of the non-empty leaves, all leaves, treedef)``.
 
-    def leaf(x: Any) -> Any:
-        if isinstance(x, jax.Array):
-            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-        return x
+    Checkpoints store a flat dict keyed by the leaves' paths: restoring then needs only
+    the live tree's structure, whatever containers (NamedTuples of optax states, NNX
+    states) it is made of. Zero-size leaves (e.g. LoRA's empty past pairs on the first
+    task) are left out, since orbax cannot write them, and rebuilt from the live tree.
+    """
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    named = {}
+    for path, leaf in flat:
+        if np.size(leaf):
+            name = ".".join(
+                str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
+            )
+            named[name] = leaf
+    return named, [leaf for _, leaf in flat], treedef
 
-    return jax.tree.map(leaf, tree)
+
+def _abstract(x: Any) -> Any:
+    """Shape, dtype and sharding of a live array, so that the restored array is placed
+    exactly where the live one is."""
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
 
 
 class RunCheckpointer:
@@ -48,8 +64,9 @@ class RunCheckpointer:
     def save(self, step: int, state: PyTree, record: dict[str, Any]) -> None:
         """Save and wait until the checkpoint is committed to disk (a save reported as
         done must survive a crash right after)."""
+        named, _, _ = _flat(state)
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)
+            state=ocp.args.StandardSave(named), record=ocp.args.JsonSave(record)
         )
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
@@ -70,11 +87,15 @@ class RunCheckpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        named, leaves, treedef = _flat(like)
+        target = {name: _abstract(leaf) for name, leaf in named.items()}
         args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(like)), record=ocp.args.JsonRestore()
+            state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
         )
         restored = self._manager.restore(step, args=args)
-        return restored["state"], restored["record"]
+        values = iter(restored["state"][name] for name in named)
+        rebuilt = [next(values) if np.size(leaf) else leaf for leaf in leaves]
+        return jax.tree_util.tree_unflatten(treedef, rebuilt), restored["record"]
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -156,7 +156,7 @@ def make_train_step(
     jitted, with the parameters and the optimizer state donated."""
 
     def loss_of(params, rest, batch, key, arrays):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, rest, copy=True)
         if lora.lora_modules(model):
             lora.reseed_dropout(model, key)
         loss = family.loss(model, batch)
@@ -168,9 +168,29 @@ def make_train_step(
             params, rest, batch, key, arrays
         )
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "total": total}
+        params = optax.apply_updates(params, updates)
+        # A finite loss can still come with an update that breaks the weights; checked
+        # here so that no checkpoint is ever written from non-finite parameters.
+        finite = jnp.isfinite(optax.tree.norm(params))
+        return params, opt_state, {"loss": loss, "total": total, "finite": finite}
 
     return jax.jit(step, donate_argnums=(0, 1))
+
+
+def init_optimizer(
+    tx: optax.GradientTransformation, params: PyTree, mesh: jax.sharding.Mesh
+) -> PyTree:
+    """``tx.init`` with every array placed on the mesh as the step returns it (moments
+    follow their parameters; counters and other new arrays are replicated), so the
+    first step does not compile a second time for other input shardings."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not isinstance(x.sharding, jax.sharding.NamedSharding):
+            return jax.device_put(x, replicated)
+        return x
+
+    return jax.tree.map(place, jax.jit(tx.init)(params))
 
 
 def device_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
@@ -254,8 +274,28 @@ class ContinualRun:
             max_source_tokens=cfg.data.max_source_length,
             max_target_tokens=cfg.data.max_target_length,
             decoder_start_id=self.data.tokenizer.pad_id,
+            buckets=tuple(cfg.data.length_buckets) or None,
         )
+        self._check_buckets()
         self._rank_fns: dict[Any, Callable] = {}
+        self._steps_cache: dict[Any, tuple[optax.GradientTransformation, Callable]] = {}
+
+    def _check_buckets(self) -> None:
+        """With explicit ``data.length_buckets``, every row must fit the largest one:
+        checked now rather than when the first long batch comes up."""
+        if not self.cfg.data.length_buckets:
+            return
+        largest = max(self.cfg.data.length_buckets)
+        for name, split in zip(self.data.names, self.data.train, strict=True):
+            fmt = self.family.format
+            longest = int(
+                batching.sequence_lengths(split, self.data.tokenizer, fmt, train=True).max()
+            )
+            if longest > largest:
+                raise ValueError(
+                    f"data.length_buckets={list(self.cfg.data.length_buckets)}: task {name!r} has "
+                    f"rows of {longest} tokens; add a bucket >= {longest}"
+                )
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate_task(self, i: int) -> TaskScore:
@@ -383,11 +423,26 @@ class ContinualRun:
             steps = min(steps, self.cfg.train.max_steps_per_task)
         return max(steps, 1)
 
+    def _transform_and_step(self, phase: int, graphdef: Any, params: PyTree, total: int):
+        """The phase's transform and its compiled step, reused across phases when the
+        method's transform does not change (same key, same model structure), so that a
+        sequence of tasks compiles its step once per batch shape."""
+        method_key = self.method.transform_key(phase)
+        schedule_key = None if self.cfg.train.schedule == "constant" else total
+        key = None if method_key is None else (method_key, schedule_key, graphdef)
+        if key is not None and key in self._steps_cache:
+            return self._steps_cache[key]
+        tx = make_transform(self.cfg, self.method, phase, params, total)
+        pair = (tx, make_train_step(self.family, self.method, tx, graphdef))
+        if key is not None:
+            self._steps_cache[key] = pair
+        return pair
+
     def _fresh_optimizer(self, phase: int):
         split = self.method.train_split(phase, self.data.train)
         _, params, _ = nnx.split(self.model, self.method.trainable(), ...)
         tx = make_transform(self.cfg, self.method, phase, params, self._steps(split))
-        return tx, tx.init(params)
+        return tx, init_optimizer(tx, params, self.mesh)
 
     def _write_outputs(self, pos: Position) -> report.ContinualMetrics | None:
         metrics = report.write_accuracy(
@@ -417,13 +472,12 @@ class ContinualRun:
         split = method.train_split(phase, self.data.train)
         total = self._steps(split)
         self.model.train()
-        _, params, _ = nnx.split(self.model, method.trainable(), ...)
-        tx = make_transform(cfg, method, phase, params, total)
-        opt_state = carried if carried is not None else tx.init(params)
+        graphdef, params, _ = nnx.split(self.model, method.trainable(), ...)
+        tx, step_fn = self._transform_and_step(phase, graphdef, params, total)
+        opt_state = carried if carried is not None else init_optimizer(tx, params, self.mesh)
         if resume_step is not None:
             opt_state = self._restore(ckpt, resume_step, opt_state)
         graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
-        step_fn = make_train_step(self.family, method, tx, graphdef)
 
         accum = cfg.train.grad_accum_steps
         per_epoch = batching.num_batches(len(split), self.batch_config)
@@ -460,10 +514,12 @@ class ContinualRun:
                         pos.step += 1
                         pos.global_step += 1
                         loss, loss_total = float(stats["loss"]), float(stats["total"])
-                        if not (math.isfinite(loss) and math.isfinite(loss_total)):
+                        finite = bool(stats["finite"])
+                        if not (math.isfinite(loss) and math.isfinite(loss_total) and finite):
+                            what = f"loss {loss_total}" if finite else "parameters after the update"
                             raise NonFiniteLossError(
-                                f"non-finite loss {loss_total} in task {name!r} (phase {phase})"
-                                f" at step {pos.step}; the last good checkpoint (step "
+                                f"non-finite {what} in task {name!r} (phase {phase}) at step "
+                                f"{pos.step}; the last good checkpoint (step "
                                 f"{ckpt.latest_step()}) is kept in {ckpt.directory}"
                             )
                         entry = {

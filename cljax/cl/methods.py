@@ -92,6 +92,12 @@ class Method:
         """The transform for task t over ``params`` (the trainable state)."""
         return optax.adamw(learning_rate, weight_decay=self.weight_decay)
 
+    def transform_key(self, t: int) -> Any:
+        """A hashable that is equal for two tasks exactly when ``optimizer`` builds the
+        same transform for both (the loop then reuses the compiled step); None: never
+        reuse (the transform holds per-task data)."""
+        return self.name
+
     def penalty(self, model: nnx.Module, arrays: dict[str, PyTree]) -> jax.Array | None:
         """Extra loss term (None: the method has none)."""
         return None
@@ -179,6 +185,7 @@ class OSF(Method):
         "schedule_step": 0.07,
         "mode": "two_sided",
         "untargeted": "train",
+        "targets": None,  # parameter-path regexes; None: the family's (authors' set)
     }
 
     def __init__(self, options, family, *, weight_decay, seed):
@@ -188,6 +195,7 @@ class OSF(Method):
                 f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule"
             )
         self._bases = None
+        self.targets = tuple(self.hp["targets"] or family.osf_targets)
 
     def _ranks(self, t: int) -> Any:
         if self.hp["rank_rule"] == "fraction":
@@ -197,13 +205,16 @@ class OSF(Method):
 
     def setup(self, model, rngs):
         # Fails here, before any training, when the targets match nothing.
-        select_targets(nnx.state(model, nnx.Param), self.family.osf_targets)
+        select_targets(nnx.state(model, nnx.Param), self.targets)
 
     def begin_task(self, t: int, model: nnx.Module) -> None:
         self._bases = None
         if t > 0:
             params = nnx.state(model, nnx.Param)
-            self._bases = osf_bases(params, self._ranks(t), targets=self.family.osf_targets)
+            self._bases = osf_bases(params, self._ranks(t), targets=self.targets)
+
+    def transform_key(self, t):
+        return "adamw" if t == 0 else None  # later tasks: per-task bases
 
     def optimizer(self, t, params, learning_rate):
         if self._bases is None:  # task 1: k = 0, plain AdamW
@@ -280,13 +291,18 @@ class EWC(_Anchored):
 
 
 class _LoRAMethod(Method):
-    defaults = {"lora_rank": 8, "lora_alpha": 32.0, "lora_dropout": 0.1}
+    defaults = {
+        "lora_rank": 8,
+        "lora_alpha": 32.0,
+        "lora_dropout": 0.1,
+        "lora_targets": None,  # module-path regexes; None: the family's (q and v)
+    }
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):
         lora.apply_lora(
             model,
-            self.family.lora_targets,
+            tuple(self.hp["lora_targets"] or self.family.lora_targets),
             rank=int(self.hp["lora_rank"]),
             alpha=float(self.hp["lora_alpha"]),
             dropout=float(self.hp["lora_dropout"]),
@@ -355,15 +371,20 @@ class GORP(_LoRAMethod):
         "lora_basis_side": "input",
         "moments_on_refresh": "keep",
         "max_tasks": 16,
+        "full_targets": None,  # parameter-path regexes; None: the family's
     }
+
+    @property
+    def full_targets(self) -> list[str]:
+        return list(self.hp["full_targets"] or self.family.gorp_full_targets)
 
     def setup(self, model, rngs):
         super().setup(model, rngs)
         # Fails here, before any training, when the full-weight targets match nothing.
-        resolve_targets(nnx.state(model, nnx.Param), list(self.family.gorp_full_targets))
+        resolve_targets(nnx.state(model, nnx.Param), self.full_targets, what="GORP full target")
 
     def trainable(self):
-        patterns = self.family.gorp_full_targets
+        patterns = self.full_targets
 
         def is_full(path, value):
             name = "/".join(str(p) for p in path)
@@ -377,7 +398,7 @@ class GORP(_LoRAMethod):
             int(self.hp["rank"]),
             int(self.hp["update_proj_gap"]),
             float(self.hp["scale"]),
-            full_targets=list(self.family.gorp_full_targets),
+            full_targets=self.full_targets,
             lora_a_targets=[r"lora_a$"],
             full_learning_rate=float(self.hp["full_learning_rate"]),
             weight_decay=self.weight_decay,

@@ -553,8 +553,8 @@ def _t5_resolve_config(cfg: Any, tensors: Any) -> Any:
             copy = tensors.read(name)
             if copy.shape != shared.shape or not np.array_equal(copy, shared):
                 raise CheckpointError(
-                    f"tensor {name!r} differs from 'shared.weight'; T5 ties the input "
-                    "embeddings of both stacks to it"
+                    f"{tensors.located[name]}: tensor {name!r} differs from 'shared.weight'; "
+                    "T5 ties the input embeddings of both stacks to it"
                 )
     if cfg.tie_word_embeddings and "lm_head.weight" in tensors.located and shared is not None:
         head = tensors.read("lm_head.weight")

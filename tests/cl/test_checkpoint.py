@@ -57,3 +57,16 @@ def test_read_record_without_arrays(tmp_path):
     with RunCheckpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(5, _state(1.0), {"phase": 2})
         assert ckpt.read_record() == {"phase": 2}
+
+
+def test_zero_size_leaves_and_named_tuples_round_trip(tmp_path):
+    import optax
+
+    params = {"a": jnp.ones((3, 0)), "w": jnp.arange(6.0).reshape(2, 3)}
+    opt = optax.adam(1e-3).init(params)
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, {"params": params, "opt": opt}, {})
+        state, _ = ckpt.restore({"params": params, "opt": optax.adam(1e-3).init(params)})
+    assert state["params"]["a"].shape == (3, 0)
+    assert type(state["opt"][0]).__name__ == "ScaleByAdamState"
+    np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(params["w"]))

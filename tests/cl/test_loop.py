@@ -1,0 +1,239 @@
+"""The continual loop end to end on tiny models and the synthetic benchmark."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from cljax.cl import loop
+from cljax.cl.methods import METHODS
+from cljax.config import Config, apply_overrides
+from cljax.optim.osf import osf_bases
+from cljax.optim.subspace import named_leaves
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def tiny_config(out_dir: Path, family: str, method: str, *overrides: str) -> Config:
+    """Two synthetic tasks, a couple of steps each, rank evaluation of the seen tasks."""
+    cfg = Config()
+    cfg.model.family = family
+    cfg.data.order = "topic,sentiment"
+    cfg.data.train_per_class = 4
+    cfg.data.test_per_class = 2
+    cfg.data.tokenizer_vocab_size = 300
+    cfg.data.length_buckets = [192]
+    cfg.method.name = method
+    cfg.train.batch_size = 8
+    cfg.train.max_steps_per_task = 2
+    cfg.eval.mode = "rank"
+    cfg.eval.batch_size = 8
+    cfg.eval.all_tasks = False
+    cfg.run.out_dir = str(out_dir)
+    cfg.run.name = f"{family}-{method}"
+    cfg.run.progress = False
+    cfg.run.checkpoint_every_steps = 0
+    cfg.run.mesh = {"data": 1}
+    return apply_overrides(cfg, overrides)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_two_tasks(tmp_path, family, method):
+    cfg = tiny_config(tmp_path, family, method)
+    metrics = loop.run_experiment(cfg, log=_quiet)
+    record = json.loads((tmp_path / cfg.run.name / "accuracy.json").read_text())
+    rows = 1 if method == "mtl" else 2
+    assert record["tasks_done"] == rows
+    acc = np.array([[np.nan if v is None else v for v in r] for r in record["accuracy"]])
+    assert acc.shape == (rows, 2)
+    assert np.all(np.isfinite(acc[-1]))  # every task evaluated after the last phase
+    assert 0.0 <= metrics.average_accuracy <= 100.0
+    steps = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
+    assert [s["step"] for s in steps] == [1, 2] * rows
+    assert all(np.isfinite(s["loss"]) for s in steps)
+    if method == "pertaskft":  # earlier tasks keep their own model's accuracy
+        assert acc[1, 0] == acc[0, 0]
+
+
+def test_seqft_forgets_on_the_synthetic_benchmark(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        "llama",
+        "seqft",
+        "data.train_per_class=48",
+        "data.test_per_class=16",
+        "data.tokenizer_vocab_size=512",
+        "train.max_steps_per_task=0",
+        "train.epochs=8",
+        "train.batch_size=16",
+        "train.learning_rate=3e-3",
+        "eval.all_tasks=True",
+        "eval.batch_size=32",
+    )
+    metrics = loop.run_experiment(cfg, log=_quiet)
+    record = json.loads((tmp_path / cfg.run.name / "accuracy.json").read_text())
+    acc = np.array(record["accuracy"])
+    assert acc[0, 0] >= 75.0  # the first task was learned ...
+    assert metrics.backward_transfer <= -20.0  # ... and largely forgotten
+    assert metrics.forgetting >= 20.0
+
+
+def test_osf_keeps_the_frozen_directions_of_earlier_tasks(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, "llama", "osf", "train.max_steps_per_task=5")
+    run = loop.ContinualRun(cfg, log=_quiet)
+    starts = {}
+    begin = run.method.begin_task
+
+    def recording_begin(t, model):
+        starts[t] = {k: np.asarray(v) for k, v in named_leaves(nnx.state(model, nnx.Param)).items()}
+        begin(t, model)
+
+    monkeypatch.setattr(run.method, "begin_task", recording_begin)
+    run.run()
+    final = {k: np.asarray(v) for k, v in named_leaves(nnx.state(run.model, nnx.Param)).items()}
+    bases = osf_bases(starts[1], 0.5, targets=run.method.targets)
+    checked = 0
+    for path in bases:
+        delta = final[path] - starts[1][path]  # (L, d_in, d_out): Flax layout
+        for layer in range(delta.shape[0]):
+            w = starts[1][path][layer]
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            k = min(w.shape) // 2
+            d = delta[layer]
+            assert np.linalg.norm(d) > 0  # it trained
+            # Frozen input directions (left singular vectors of the (in, out) kernel)
+            # and frozen output directions (right singular vectors) are untouched.
+            assert np.linalg.norm(u[:, :k].T @ d) <= 1e-4 * np.linalg.norm(d)
+            assert np.linalg.norm(d @ vt[:k].T) <= 1e-4 * np.linalg.norm(d)
+            checked += 1
+    assert checked >= 14  # q, k, v, o, gate, up, down x 2 layers
+
+
+def test_one_and_eight_devices_give_the_same_accuracy_matrix(tmp_path):
+    import jax
+
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    common = ("train.max_steps_per_task=3", "eval.all_tasks=True")
+    one = tiny_config(tmp_path / "one", "llama", "seqft", *common)
+    eight = tiny_config(tmp_path / "eight", "llama", "seqft", *common, "run.mesh={'data': 8}")
+    loop.run_experiment(one, log=_quiet)
+    loop.run_experiment(eight, log=_quiet)
+    a = json.loads((tmp_path / "one" / one.run.name / "accuracy.json").read_text())
+    b = json.loads((tmp_path / "eight" / eight.run.name / "accuracy.json").read_text())
+    assert a["accuracy"] == b["accuracy"] and a["base"] == b["base"]
+    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / one.run.name / "metrics.jsonl")]
+    lb = [
+        json.loads(x)["loss"] for x in open(tmp_path / "eight" / eight.run.name / "metrics.jsonl")
+    ]
+    np.testing.assert_allclose(la, lb, rtol=1e-4)
+
+
+def _write_config(path: Path, out_dir: Path, method: str) -> None:
+    path.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(REPO / 'tests' / 'cl')!r})\n"
+        "from test_loop import tiny_config\n"
+        "def get_config():\n"
+        f"    return tiny_config({str(out_dir)!r}, 'llama', {method!r},\n"
+        "        'train.max_steps_per_task=12', 'run.checkpoint_every_steps=2',\n"
+        "        'run.name=resume')\n"
+    )
+
+
+@pytest.mark.parametrize("method", ["inclora"])
+def test_resume_after_sigkill_gives_the_same_accuracy_matrix(tmp_path, method):
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "cljax.cli", "run"]
+    reference = tmp_path / "reference.py"
+    _write_config(reference, tmp_path / "ref", method)
+    subprocess.run([*command, str(reference)], env=env, check=True, capture_output=True)
+
+    interrupted = tmp_path / "interrupted.py"
+    _write_config(interrupted, tmp_path / "int", method)
+    ckpt_dir = tmp_path / "int" / "resume" / "checkpoints"
+    proc = subprocess.Popen(
+        [*command, str(interrupted)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # Kill it once a checkpoint of the second task exists (mid-sequence, mid-task).
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        steps = [int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()]
+        if any(s > 12 for s in steps):
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (
+        not (tmp_path / "int" / "resume" / "accuracy.json").exists()
+        or json.loads((tmp_path / "int" / "resume" / "accuracy.json").read_text())["tasks_done"] < 2
+    )
+    result = subprocess.run(
+        [*command, str(interrupted)], env=env, check=True, capture_output=True, text=True
+    )
+    assert "resuming" in result.stdout
+    ref = json.loads((tmp_path / "ref" / "resume" / "accuracy.json").read_text())
+    got = json.loads((tmp_path / "int" / "resume" / "accuracy.json").read_text())
+    assert got["accuracy"] == ref["accuracy"]
+    assert got["tasks_done"] == 2
+
+
+def test_bad_input_fails_before_training(tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'sgd'"):
+        loop.ContinualRun(tiny_config(tmp_path, "llama", "sgd"), log=_quiet)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank_fractoin'\]"):
+        loop.ContinualRun(
+            tiny_config(tmp_path, "llama", "osf", "method.options.rank_fractoin=0.3"), log=_quiet
+        )
+    with pytest.raises(ValueError, match="nonexistent_proj"):
+        loop.ContinualRun(
+            tiny_config(tmp_path, "llama", "osf", "method.options.targets=['nonexistent_proj']"),
+            log=_quiet,
+        )
+    with pytest.raises(FileNotFoundError, match="no_such_tokenizer"):
+        loop.ContinualRun(
+            tiny_config(
+                tmp_path, "llama", "seqft", f"data.tokenizer={tmp_path / 'no_such_tokenizer'}"
+            ),
+            log=_quiet,
+        )
+    with pytest.raises((FileNotFoundError, ValueError), match="no_such_dir"):
+        loop.ContinualRun(
+            tiny_config(
+                tmp_path,
+                "llama",
+                "seqft",
+                "data.source=json",
+                "data.order=agnews",
+                f"data.data_dir={tmp_path / 'no_such_dir'}",
+            ),
+            log=_quiet,
+        )
+
+
+def test_non_finite_training_stops_with_task_and_step(tmp_path):
+    cfg = tiny_config(
+        tmp_path,
+        "llama",
+        "seqft",
+        "train.learning_rate=1e300",
+        "train.clip_norm=0.0",
+        "run.checkpoint_every_steps=1",
+    )
+    with pytest.raises(loop.NonFiniteLossError, match=r"task 'synth_topic' \(phase 0\) at step 1"):
+        loop.run_experiment(cfg, log=_quiet)
+    # No checkpoint was written from the broken weights.
+    assert not list((tmp_path / cfg.run.name / "checkpoints").glob("[0-9]*"))
