@@ -26,4 +26,4 @@ bench:
 	$(BIN)/python bench/data.py
 
 demo:
-	$(BIN)/python -m cljax.models.generate --demo
+	$(BIN)/cljax run experiments/configs/demo.py --methods seqft,osf,gorp,olora,mtl

@@ -27,11 +27,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else [None]
     run_dirs = []
     for method in methods:
-        one = cfg
+        one = config_lib.for_method(cfg, method)
         if method is not None:
-            one = config_lib.apply_overrides(
-                cfg, [f"method.name={method}", f"run.name={cfg.run.name}-{method}"]
-            )
+            one.run.name = f"{cfg.run.name}-{method}"
         print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
         run_experiment(one)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
@@ -75,7 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options (`run CFG --methods a,b key=value`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [
+        a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")
+    ]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, AttributeError, TypeError) as err:

@@ -71,6 +71,11 @@ class DataConfig:
 class MethodConfig:
     name: str = field("seqft", "continual method (see cljax.cl.methods.METHODS)")
     options: dict = field({}, "method hyperparameters overriding its defaults")
+    per_method: dict = field(
+        {},
+        "{method: {dotted key: value}} applied when that method runs, e.g. "
+        "{'osf': {'train.learning_rate': 1e-5}} (published per-method settings)",
+    )
 
 
 @dataclasses.dataclass
@@ -173,6 +178,32 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def set_value(cfg: Config, key: str, value: Any) -> None:
+    """Set the dotted ``key`` (``section.field`` or ``section.dictfield.key...``) of
+    ``cfg`` in place, checking the key and the value's type."""
+    parts = key.strip().split(".")
+    node: Any = cfg
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+            continue
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:depth]) or "the config"
+            raise KeyError(f"unknown config key {key!r}: {where} has {sorted(names)}")
+        if last:
+            if dataclasses.is_dataclass(getattr(node, part)):
+                raise KeyError(f"config key {key!r} is a section; set one of its fields")
+            hints = typing.get_type_hints(type(node))
+            setattr(node, part, _coerce(value, hints[part], key))
+        else:
+            node = getattr(node, part)
+
+
 def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     """Apply ``section.key=value`` (or ``section.dictfield.key=value``) overrides.
 
@@ -184,27 +215,21 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
-        parts = key.strip().split(".")
-        node: Any = cfg
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(node, dict):
-                if last:
-                    node[part] = _parse_value(text)
-                else:
-                    node = node.setdefault(part, {})
-                continue
-            names = {f.name: f for f in dataclasses.fields(node)}
-            if part not in names:
-                where = ".".join(parts[:depth]) or "the config"
-                raise KeyError(f"unknown config key {key!r}: {where} has {sorted(names)}")
-            if last:
-                if dataclasses.is_dataclass(getattr(node, part)):
-                    raise KeyError(f"config key {key!r} is a section; set one of its fields")
-                hints = typing.get_type_hints(type(node))
-                setattr(node, part, _coerce(_parse_value(text), hints[part], key))
-            else:
-                node = getattr(node, part)
+        set_value(cfg, key, _parse_value(text))
+    return cfg
+
+
+def for_method(cfg: Config, name: str | None = None) -> Config:
+    """The config of one method's run: ``method.name`` set (if ``name`` is given) and
+    that method's ``method.per_method`` entries applied on top (dotted keys, e.g.
+    ``{"osf": {"train.learning_rate": 1e-5, "method.options.rank_fraction": 0.5}}``)."""
+    cfg = copy.deepcopy(cfg)
+    if name is not None:
+        cfg.method.name = name
+    for key, value in cfg.method.per_method.get(cfg.method.name, {}).items():
+        if key.split(".")[0] == "method" and key.split(".")[1:2] == ["per_method"]:
+            raise KeyError(f"method.per_method[{cfg.method.name!r}] cannot set {key!r}")
+        set_value(cfg, key, value)
     return cfg
 
 

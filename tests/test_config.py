@@ -57,3 +57,19 @@ def test_every_field_is_documented():
     for line in cfgmod.describe():
         key, doc = line.split(": ", 1)
         assert doc.strip(), f"{key} has no documentation"
+
+
+def test_per_method_settings_apply_to_that_method_only():
+    cfg = cfgmod.Config()
+    cfg.method.per_method = {
+        "osf": {"train.learning_rate": 1e-5, "method.options.rank_fraction": 0.25},
+        "olora": {"method.options.lambda1": 0.1},
+    }
+    osf = cfgmod.for_method(cfg, "osf")
+    assert osf.method.name == "osf" and osf.train.learning_rate == 1e-5
+    assert osf.method.options == {"rank_fraction": 0.25}
+    seqft = cfgmod.for_method(cfg, "seqft")
+    assert seqft.train.learning_rate == cfg.train.learning_rate and seqft.method.options == {}
+    cfg.method.per_method = {"osf": {"train.lr": 1.0}}
+    with pytest.raises(KeyError, match="train.lr"):
+        cfgmod.for_method(cfg, "osf")

@@ -32,7 +32,7 @@ from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
 from cljax.cl.methods import Method, get_method
-from cljax.config import Config
+from cljax.config import Config, for_method
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
@@ -239,6 +239,7 @@ class ContinualRun:
     """
 
     def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
+        cfg = for_method(cfg)
         self.cfg = cfg
         self.log = log
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name

@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 from cljax.optim.subspace import (
+    BasisMethod,
     StaticFlags,
     SubspaceBasis,
     build_bases,
@@ -128,7 +129,12 @@ def resolve_ranks(matrices: Mapping[str, jax.Array], ranks: RankSpec) -> dict[st
 
 
 def osf_bases(
-    params: Any, ranks: RankSpec, *, targets: Targets, dtype: Any = jnp.float32
+    params: Any,
+    ranks: RankSpec,
+    *,
+    targets: Targets,
+    dtype: Any = jnp.float32,
+    method: BasisMethod = "svd",
 ) -> dict[str, SubspaceBasis]:
     """Build the frozen-subspace bases of every targeted matrix from its current value.
 
@@ -139,13 +145,15 @@ def osf_bases(
       ranks: frozen rank per matrix, see :func:`resolve_ranks`.
       targets: which parameters, see :func:`select_targets`.
       dtype: storage dtype of the bases.
+      method: ``"svd"`` (float32 SVD) or ``"gram"`` (faster, see
+        :func:`cljax.optim.subspace.build_bases`).
 
     Returns:
       ``{path: SubspaceBasis}``, a pytree of arrays (shards and checkpoints as such).
     """
     matrices = select_targets(params, targets)
     k = resolve_ranks(matrices, ranks)
-    return build_bases(matrices, k, dtype=dtype)
+    return build_bases(matrices, k, dtype=dtype, method=method)
 
 
 # --------------------------------------------------------------------------- transforms

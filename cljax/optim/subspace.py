@@ -319,7 +319,48 @@ def _select_columns(q: jax.Array, ranks: jax.Array, complement: jax.Array, width
     return cols * (j < count)[..., None, :].astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "dtype"))
+BasisMethod = Literal["svd", "gram"]
+
+
+def _gram_eigenvectors(x: jax.Array) -> jax.Array:
+    """Eigenvectors of ``x x^T`` (``(..., R, R)``), by descending eigenvalue: the left
+    singular vectors of ``x``."""
+    gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=_HIGHEST)
+    _, vectors = jnp.linalg.eigh(gram)
+    return vectors[..., ::-1]
+
+
+def _orthonormal(y: jax.Array) -> jax.Array:
+    """Orthonormal columns spanning the leading columns of ``y (..., D, w)``: Householder
+    QR keeps every prefix ``y[..., :j]``'s span, so masking columns later stays exact."""
+    if y.shape[-1] == 0:
+        return y
+    return jnp.linalg.qr(y, mode="reduced")[0]
+
+
+def _singular_vectors(
+    x: jax.Array, method: BasisMethod, w_left: int, w_right: int
+) -> tuple[jax.Array, jax.Array]:
+    """Left ``(..., R, *)`` and right ``(..., C, *)`` singular vectors of ``x`` in float32,
+    by descending singular value. ``svd``: one thin SVD (all ``r`` pairs). ``gram``: the
+    ``r``-sided one(s) from ``eigh`` of the ``r x r`` Gram matrix; the longer side, which
+    only ever stores its top ``w`` vectors, as the orthonormalised ``x v[:, :w]``."""
+    x = x.astype(jnp.float32)
+    if method == "svd":
+        u, _, vt = batched_svd(x)
+        return u, jnp.swapaxes(vt, -1, -2)
+    rows, cols = x.shape[-2:]
+    xt = jnp.swapaxes(x, -1, -2)
+    if rows == cols:
+        return _gram_eigenvectors(x), _gram_eigenvectors(xt)
+    if rows < cols:
+        left = _gram_eigenvectors(x)
+        return left, _orthonormal(jnp.matmul(xt, left[..., :w_right], precision=_HIGHEST))
+    right = _gram_eigenvectors(xt)
+    return _orthonormal(jnp.matmul(x, right[..., :w_left], precision=_HIGHEST)), right
+
+
+@functools.partial(jax.jit, static_argnames=("widths", "dtype", "method"))
 def _build_bases_jit(
     matrices: dict[str, jax.Array],
     ranks: dict[str, jax.Array],
@@ -327,13 +368,14 @@ def _build_bases_jit(
     right_complement: dict[str, jax.Array],
     widths: tuple[tuple[str, int, int], ...],
     dtype: Any,
+    method: BasisMethod,
 ) -> dict[str, SubspaceBasis]:
     out = {}
     for name, w_left, w_right in widths:
-        u, _, vt = batched_svd(matrices[name])
+        u, v = _singular_vectors(matrices[name], method, w_left, w_right)
         k = ranks[name]
         left = _select_columns(u, k, left_complement[name], w_left)
-        right = _select_columns(jnp.swapaxes(vt, -1, -2), k, right_complement[name], w_right)
+        right = _select_columns(v, k, right_complement[name], w_right)
         out[name] = SubspaceBasis(
             left.astype(dtype), left_complement[name], right.astype(dtype), right_complement[name]
         )
@@ -345,6 +387,7 @@ def build_bases(
     ranks: Mapping[str, Any],
     *,
     dtype: Any = jnp.float32,
+    method: BasisMethod = "svd",
 ) -> dict[str, SubspaceBasis]:
     """Compact high-subspace bases of many matrices in one jitted call.
 
@@ -354,10 +397,17 @@ def build_bases(
       ranks: ``{name: k}`` with ``k`` an int or an int array of shape ``(...)`` (one
         frozen rank per stacked matrix), each in ``[0, min(R, C)]``.
       dtype: storage dtype of the bases (float32 keeps projections exact to ~1e-6).
+      method: ``"svd"`` (default; LAPACK thin SVD in float32) or ``"gram"`` (float32
+        ``eigh`` of the ``r x r`` Gram matrix, ~10-50x faster on CPU for LLaMA-7B shapes;
+        the Gram squares the condition number, so the subspace split is accurate to
+        about ``eps * s_1^2 / (s_k^2 - s_{k+1}^2)`` instead of ``eps * s_1 / (s_k -
+        s_{k+1})``; the projection stays exact for the basis it stores).
 
     Returns:
       ``{name: SubspaceBasis}``; see the module docstring for what each side stores.
     """
+    if method not in ("svd", "gram"):
+        raise ValueError(f"basis method must be 'svd' or 'gram', got {method!r}")
     check_finite(matrices)
     rank_arrays, lefts, rights, widths = {}, {}, {}, []
     for name, x in matrices.items():
@@ -379,7 +429,7 @@ def build_bases(
         rights[name] = jnp.asarray(plan_right.complement)
         widths.append((name, plan_left.width, plan_right.width))
     return _build_bases_jit(
-        dict(matrices), rank_arrays, lefts, rights, tuple(widths), jnp.dtype(dtype)
+        dict(matrices), rank_arrays, lefts, rights, tuple(widths), jnp.dtype(dtype), method
     )
 
 

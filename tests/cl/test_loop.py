@@ -148,7 +148,8 @@ def _write_config(path: Path, out_dir: Path, method: str) -> None:
         "from test_loop import tiny_config\n"
         "def get_config():\n"
         f"    return tiny_config({str(out_dir)!r}, 'llama', {method!r},\n"
-        "        'train.max_steps_per_task=12', 'run.checkpoint_every_steps=2',\n"
+        "        'train.epochs=6', 'train.max_steps_per_task=12',\n"
+        "        'run.checkpoint_every_steps=2',\n"
         "        'run.name=resume')\n"
     )
 

@@ -56,7 +56,8 @@ def torch_view_highs(kernel_flax: np.ndarray, k: int):
     return u[..., :, :k], vt[..., :k, :]
 
 
-RANKS = {"stack/kernel": 3, "wide/kernel": 4, "square/kernel": 5}  # 5 > 8/2: complement storage
+# wide (k = 4 >= 6/2) and square (5 >= 8/2) store complement bases on their complete sides
+RANKS = {"stack/kernel": 3, "wide/kernel": 4, "square/kernel": 5}
 
 
 @pytest.fixture(scope="module")

@@ -106,6 +106,20 @@ def test_complement_storage_gives_the_dense_projection(stacked_case):
             np.testing.assert_allclose(got[idx], want, atol=2e-5, err_msg=f"{name}{idx}")
 
 
+def test_gram_method_gives_the_same_subspaces(stacked_case):
+    mats, ranks, _ = stacked_case
+    bases = ss.build_bases(mats, ranks, method="gram")
+    for name, w in mats.items():
+        x = RNG.normal(size=w.shape).astype(np.float32)
+        got = np.asarray(ss.project_complement(jnp.asarray(x), bases[name]))
+        ks = np.broadcast_to(ranks[name], w.shape[:-2])
+        for idx in np.ndindex(*w.shape[:-2]):
+            want = dense_two_sided(w[idx], x[idx], int(ks[idx]))
+            np.testing.assert_allclose(got[idx], want, atol=1e-4, err_msg=f"{name}{idx}")
+    with pytest.raises(ValueError, match="method"):
+        ss.build_bases(mats, ranks, method="qr")
+
+
 def test_storage_flags_widths_and_memory_bound(stacked_case):
     mats, ranks, bases = stacked_case
     b = bases["tall"]  # (12, 8): rows side longer than r = 8 -> always high basis
