@@ -139,8 +139,13 @@ def describe(cfg: Any = None, prefix: str = "") -> list[str]:
 
 
 def load_config(path: str | Path) -> Config:
-    """Run ``get_config()`` of a Python config file."""
-    path = Path(path)
+    """Run ``get_config()`` of a Python config file; ``file.py:arg`` calls
+    ``get_config("arg")`` (e.g. the model family of a two-family config)."""
+    text = str(path)
+    arg = None
+    if ":" in Path(text).name:
+        text, arg = text.rsplit(":", 1)
+    path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     spec = importlib.util.spec_from_file_location(f"cljax_config_{path.stem}", path)
@@ -149,7 +154,7 @@ def load_config(path: str | Path) -> Config:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"config file {path} defines no get_config()")
-    cfg = module.get_config()
+    cfg = module.get_config() if arg is None else module.get_config(arg)
     if not isinstance(cfg, Config):
         raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
     return cfg
