@@ -1,0 +1,36 @@
+"""Every experiment config loads, and every method's settings in it are valid."""
+
+from pathlib import Path
+
+import pytest
+
+from cljax.cl.backbone import get_family
+from cljax.cl.loop import ContinualRun
+from cljax.cl.methods import METHODS, get_method
+from cljax.config import for_method, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_resolves_for_every_method(path):
+    base = load_config(f"{path}:t5" if path.stem == "cpu_testbed" else path)
+    assert set(base.method.per_method) <= set(METHODS)
+    for name in METHODS:
+        cfg = for_method(base, name)
+        method = get_method(
+            name,
+            dict(cfg.method.options),
+            get_family(cfg.model.family),
+            weight_decay=cfg.train.weight_decay,
+            seed=cfg.train.seed,
+        )
+        assert method.name == name
+
+
+def test_published_config_without_checkpoint_fails_at_start_up(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLJAX_T5_LARGE", str(tmp_path / "no-t5-large-here"))
+    cfg = load_config(CONFIGS[[p.stem for p in CONFIGS].index("t5_large_order1")])
+    cfg.data.order = "agnews"  # a task whose files exist offline
+    with pytest.raises(FileNotFoundError, match="no-t5-large-here"):
+        ContinualRun(for_method(cfg, "osf"), log=lambda _: None)
