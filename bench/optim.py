@@ -4,6 +4,8 @@
     (goal <= 1.15);
 (b) the same OSF step against the reference: transformers LlamaForCausalLM + peft OSF
     (effective rank 0.5 on q,k,v,o,gate,up,down) + torch AdamW (goal: cljax >= 2x faster);
+    PEFT trains only the targeted matrices, so the like-for-like cljax step uses
+    ``untargeted="freeze"`` (also shown against the ``"train"`` step of (a));
 (c) optimizer-state bytes / parameter bytes for adamw, osf and gorp (goal osf <= 3.0);
 (d) basis-build time for LLaMA-2-7B matrix shapes, extrapolated to its 224 matrices.
 
@@ -90,11 +92,19 @@ def cljax_step(
     return run
 
 
-def osf_tx(cfg: LlamaConfig, project_gradients: bool = True) -> optax.GradientTransformation:
-    """OSF at effective rank 0.5 on q,k,v,o,gate,up,down; untargeted leaves train."""
+def osf_tx(
+    cfg: LlamaConfig, project_gradients: bool = True, untargeted: str = "train"
+) -> optax.GradientTransformation:
+    """OSF at effective rank 0.5 on q,k,v,o,gate,up,down."""
     params = nnx.state(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     bases = osf_bases(params, 0.5, targets=TARGETS)
-    return osf(LR, bases, weight_decay=WEIGHT_DECAY, project_gradients=project_gradients)
+    return osf(
+        LR,
+        bases,
+        weight_decay=WEIGHT_DECAY,
+        project_gradients=project_gradients,
+        untargeted=untargeted,
+    )
 
 
 # --------------------------------------------------------------------------- torch + peft
@@ -190,23 +200,36 @@ def osf_target_ratio(cfg: LlamaConfig) -> float:
     return (moment_bytes + tree_bytes(state.bases)) / tree_bytes(targeted)
 
 
-def basis_build_7b(count_square: int, count_rect: int) -> dict[str, float]:
-    """Seconds per LLaMA-2-7B matrix (float32 SVD + basis, rank 0.5) and the 224-matrix
-    extrapolation: 32 layers x (4 x 4096x4096 + 3 x 4096x11008)."""
+def basis_build_7b(count: int, methods: list[str]) -> None:
+    """Seconds per LLaMA-2-7B matrix (float32 basis at rank 0.5, one batched call per
+    shape) and the 224-matrix extrapolation: 32 layers x (4 x 4096x4096 + 3 x 4096x11008).
+    With both methods, also how far apart their frozen subspaces are."""
     rng = np.random.default_rng(0)
-    per = {}
-    for name, shape, count in (
-        ("4096x4096", (4096, 4096), count_square),
-        ("4096x11008", (4096, 11008), count_rect),
-    ):
-        x = jnp.asarray(rng.normal(size=(count, *shape)).astype(np.float32) * 0.02)
-        ranks = {"w": np.full((count,), 2048)}
-        # same-shape matrices of a model go through one batched call, as here
-        start = time.perf_counter()
-        jax.block_until_ready(build_bases({"w": x}, ranks))
-        per[name] = (time.perf_counter() - start) / count
-    per["224 matrices (extrapolated)"] = 32 * (4 * per["4096x4096"] + 3 * per["4096x11008"])
-    return per
+    shapes = {"4096x4096": (4096, 4096), "4096x11008": (4096, 11008)}
+    matrices = {
+        name: jnp.asarray(rng.normal(size=(count, *shape)).astype(np.float32) * 0.02)
+        for name, shape in shapes.items()
+    }
+    found = {}
+    for method in methods:
+        per = {}
+        for name, x in matrices.items():
+            ranks = {"w": np.full((count,), 2048)}
+            start = time.perf_counter()  # includes the (small) compile of the SVD call
+            found[method, name] = jax.block_until_ready(build_bases({"w": x}, ranks, method=method))
+            per[name] = (time.perf_counter() - start) / count
+        total = 32 * (4 * per["4096x4096"] + 3 * per["4096x11008"])
+        print(
+            f"  {method:5s} 4096x4096 {per['4096x4096']:7.1f} s   4096x11008"
+            f" {per['4096x11008']:7.1f} s   224 matrices ~{total / 60:7.1f} min"
+        )
+    if len(methods) > 1:
+        for name in shapes:
+            a, b = (found[m, name]["w"] for m in methods[:2])
+            # both store the complement (2048 of 4096) on the 4096 side: compare projectors
+            qa, qb = a.left[0], b.left[0]
+            diff = jnp.linalg.norm(qa @ qa.T - qb @ qb.T) / np.sqrt(qa.shape[1])
+            print(f"  {name}: |P_{methods[0]} - P_{methods[1]}|_F / sqrt(w) = {float(diff):.2e}")
 
 
 def fmt_ms(values: list[float]) -> str:
@@ -233,6 +256,8 @@ def step_ratios(vocab: int, rounds: int, steps: int) -> None:
         "cljax adamw": cljax_step(cfg, optax.adamw(LR, weight_decay=WEIGHT_DECAY), data),
         "cljax osf": cljax_step(cfg, osf_tx(cfg), data),
         "cljax osf post-only": cljax_step(cfg, osf_tx(cfg, project_gradients=False), data),
+        # PEFT trains only the targeted matrices: the like-for-like cljax step freezes the rest
+        "cljax osf freeze": cljax_step(cfg, osf_tx(cfg, untargeted="freeze"), data),
         "torch+peft osf": torch_osf_step(cfg, data),
     }
     times = time_steps(runs, rounds, steps)
@@ -243,7 +268,9 @@ def step_ratios(vocab: int, rounds: int, steps: int) -> None:
     print("      goal <= 1.15")
     post_only = paired_ratio(times, "cljax osf post-only", "cljax adamw")
     print(f"      osf post-only / adamw      {post_only}")
-    print(f"  (b) torch+peft / cljax osf     {paired_ratio(times, 'torch+peft osf', 'cljax osf')}")
+    reference = paired_ratio(times, "torch+peft osf", "cljax osf freeze")
+    print(f"  (b) torch+peft / cljax osf frz {reference}")
+    print(f"      torch+peft / cljax osf     {paired_ratio(times, 'torch+peft osf', 'cljax osf')}")
     print("      goal >= 2")
 
 
@@ -254,11 +281,12 @@ def main() -> None:
     parser.add_argument("--vocab", default="32000,256", help="comma-separated vocab sizes")
     parser.add_argument("--skip-7b", action="store_true")
     parser.add_argument("--count-7b", type=int, default=1, help="matrices of each 7B shape")
+    parser.add_argument("--basis-methods", default="svd,gram", help="for (d): svd, gram")
     args = parser.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; LLaMA width 256, 4 layers,")
     print(f"4 heads, SwiGLU 688, batch 8 x 128 tokens, {args.rounds} rounds x {args.steps} steps")
-    for vocab in (int(v) for v in args.vocab.split(",")):
+    for vocab in (int(v) for v in args.vocab.split(",") if v):  # --vocab "": skip (a), (b)
         step_ratios(vocab, args.rounds, args.steps)
 
     print("(c) optimizer-state bytes / parameter bytes (vocab 32000; goal osf <= 3.0):")
@@ -269,8 +297,7 @@ def main() -> None:
 
     if not args.skip_7b:
         print(f"(d) basis build, LLaMA-2-7B shapes ({args.count_7b} matrix/matrices per shape):")
-        for name, seconds in basis_build_7b(args.count_7b, args.count_7b).items():
-            print(f"  {name:28s} {seconds:8.1f} s")
+        basis_build_7b(args.count_7b, args.basis_methods.split(","))
 
 
 if __name__ == "__main__":

@@ -398,10 +398,11 @@ def build_bases(
         frozen rank per stacked matrix), each in ``[0, min(R, C)]``.
       dtype: storage dtype of the bases (float32 keeps projections exact to ~1e-6).
       method: ``"svd"`` (default; LAPACK thin SVD in float32) or ``"gram"`` (float32
-        ``eigh`` of the ``r x r`` Gram matrix, ~10-50x faster on CPU for LLaMA-7B shapes;
-        the Gram squares the condition number, so the subspace split is accurate to
-        about ``eps * s_1^2 / (s_k^2 - s_{k+1}^2)`` instead of ``eps * s_1 / (s_k -
-        s_{k+1})``; the projection stays exact for the basis it stores).
+        ``eigh`` of the ``r x r`` Gram matrix; on the 2-core test CPU 1.1-2.2x faster
+        for LLaMA-7B shapes and ~50x for 1024 x 2752, see ``bench/optim.py``). The Gram
+        squares the condition number, so the subspace split is accurate to about
+        ``eps * s_1^2 / (s_k^2 - s_{k+1}^2)`` instead of ``eps * s_1 / (s_k - s_{k+1})``;
+        the projection stays exact for the basis it stores.
 
     Returns:
       ``{name: SubspaceBasis}``; see the module docstring for what each side stores.
