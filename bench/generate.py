@@ -62,11 +62,43 @@ def varied_prompts(batch: int, vocab: int, seed: int = 0) -> list[list[int]]:
     return [[1, *rng.integers(3, vocab, n - 1).tolist()] for n in lengths]
 
 
+def convert(hf: torch.nn.Module) -> object:
+    """The cljax model of a transformers model, through a saved checkpoint (the path a
+    real checkpoint takes)."""
+    from cljax.models.convert import load_hf_checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        hf.save_pretrained(directory)
+        model, _ = load_hf_checkpoint(directory)
+    return model
+
+
+def hf_greedy(hf: torch.nn.Module, new_tokens: int, **inputs: object) -> torch.Tensor:
+    """transformers' greedy ``generate`` of exactly ``new_tokens`` tokens per row (the
+    cljax side runs without eos, so both sides do the same work)."""
+    with torch.inference_mode():
+        return hf.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False
+        )
+
+
+def compare(
+    name: str,
+    generated_tokens: int,
+    run_cljax: Callable[[], np.ndarray],
+    run_hf: Callable[[], np.ndarray],
+    repeats: int,
+) -> Result:
+    """Check that both sides generate the same tokens, then time them (``best_times``)."""
+    same = bool(np.array_equal(run_cljax(), run_hf()))
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
+    return Result(name, generated_tokens, cljax_seconds, hf_seconds, same)
+
+
 def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
     """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from cljax.models.convert import load_hf_checkpoint
     from cljax.models.generate import generate_llama, left_pad
 
     torch.manual_seed(0)
@@ -83,38 +115,31 @@ def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
         pad_token_id=0,
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        hf.save_pretrained(directory)
-        model, _ = load_hf_checkpoint(directory)
+    model = convert(hf)
     prompts = varied_prompts(batch, hf_cfg.vocab_size)
     length = max(map(len, prompts))
     ids, mask = left_pad(prompts, length, hf_cfg.pad_token_id)
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def run_hf() -> np.ndarray:
-        with torch.inference_mode():
-            out = hf.generate(
-                input_ids=ids_t,
-                attention_mask=mask_t,
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-                pad_token_id=hf_cfg.pad_token_id,
-            )
+        out = hf_greedy(
+            hf,
+            new_tokens,
+            input_ids=ids_t,
+            attention_mask=mask_t,
+            pad_token_id=hf_cfg.pad_token_id,
+        )
         return out[:, length:].numpy()
 
     def run_cljax() -> np.ndarray:
-        # No eos: both sides generate exactly new_tokens per row (min_new_tokens above).
         return generate_llama(model, prompts, new_tokens, eos_token_ids=()).tokens
 
-    same = bool(np.array_equal(run_cljax(), run_hf()))
-    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
-    return Result(
-        name=f"llama 4x256 vocab 32000, batch {batch}, prompts 8..64, {new_tokens} new",
-        new_tokens=batch * new_tokens,
-        cljax_seconds=cljax_seconds,
-        hf_seconds=hf_seconds,
-        tokens_equal=same,
+    return compare(
+        f"llama 4x256 vocab 32000, batch {batch}, prompts 8..64, {new_tokens} new",
+        batch * new_tokens,
+        run_cljax,
+        run_hf,
+        repeats,
     )
 
 
@@ -123,7 +148,6 @@ def bench_t5(batch: int, new_tokens: int, repeats: int) -> Result:
     sources of 64 tokens. The encoder runs once per batch on both sides."""
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from cljax.models.convert import load_hf_checkpoint
     from cljax.models.generate import generate_t5
 
     torch.manual_seed(0)
@@ -139,36 +163,24 @@ def bench_t5(batch: int, new_tokens: int, repeats: int) -> Result:
         decoder_start_token_id=0,
     )
     hf = T5ForConditionalGeneration(hf_cfg).eval()
-    with tempfile.TemporaryDirectory() as directory:
-        hf.save_pretrained(directory)
-        model, _ = load_hf_checkpoint(directory)
+    model = convert(hf)
     rng = np.random.default_rng(0)
     sources = [[*rng.integers(2, hf_cfg.vocab_size, 63).tolist(), 1] for _ in range(batch)]
     ids_t = torch.tensor(sources, dtype=torch.long)
 
     def run_hf() -> np.ndarray:
-        with torch.inference_mode():
-            out = hf.generate(
-                input_ids=ids_t,
-                attention_mask=torch.ones_like(ids_t),
-                max_new_tokens=new_tokens,
-                min_new_tokens=new_tokens,
-                do_sample=False,
-            )
+        out = hf_greedy(hf, new_tokens, input_ids=ids_t, attention_mask=torch.ones_like(ids_t))
         return out[:, 1:].numpy()  # drop the decoder start token
 
     def run_cljax() -> np.ndarray:
-        # No eos: both sides generate exactly new_tokens per row (min_new_tokens above).
         return generate_t5(model, sources, new_tokens, eos_token_ids=()).tokens
 
-    same = bool(np.array_equal(run_cljax(), run_hf()))
-    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
-    return Result(
-        name=f"t5 4+4x256 vocab 32128, batch {batch}, sources 64, {new_tokens} new",
-        new_tokens=batch * new_tokens,
-        cljax_seconds=cljax_seconds,
-        hf_seconds=hf_seconds,
-        tokens_equal=same,
+    return compare(
+        f"t5 4+4x256 vocab 32128, batch {batch}, sources 64, {new_tokens} new",
+        batch * new_tokens,
+        run_cljax,
+        run_hf,
+        repeats,
     )
 
 

@@ -22,19 +22,7 @@ from flax import nnx
 from cljax.config import ModelConfig
 from cljax.data.batching import Batch, TextTokenizer
 from cljax.models.layers import DTypePolicy
-
-
-def token_logprobs(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """logits (B, T, V), labels (B, T) int -> float32 (B, T) log p(label)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-def masked_mean_nll(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean negative log-likelihood over the positions where ``loss_mask`` is 1."""
-    weights = loss_mask.astype(jnp.float32)
-    total = -jnp.sum(token_logprobs(logits, labels) * weights)
-    return total / jnp.maximum(jnp.sum(weights), 1.0)
+from cljax.models.losses import masked_mean_nll, token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)

@@ -132,6 +132,48 @@ def greedy_loop(
     return tokens, lengths
 
 
+def _check_request(sequences: Sequence[Sequence[int]], max_new_tokens: int, what: str) -> None:
+    """The argument checks every ``generate_*`` entry point makes; ``what`` names the
+    inputs in the error (``prompts``, ``sources``)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not sequences:
+        raise ValueError(f"no {what} to generate from")
+
+
+def _run_greedy(
+    greedy_fn: Callable[..., tuple[jax.Array, jax.Array]],
+    model: nnx.Module,
+    sequences: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos: Sequence[int],
+    pad_token_id: int,
+) -> GenerationOutput:
+    """Bucket and left-pad ``sequences``, call the jitted ``greedy_fn(graphdef, state,
+    ids, mask, max_new_tokens, eos_ids, *, capacity, pad_id)`` and cut the bucket
+    padding (rows and steps) off its output."""
+    rows = bucket_size(len(sequences), minimum=1)
+    length = bucket_size(max(len(s) for s in sequences))
+    ids, mask = left_pad(sequences, length, pad_token_id, rows)
+    # A constant-size eos array (padded with -1, never a token) keeps one compile.
+    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
+    eos_array[: len(eos)] = eos
+    graphdef, state = nnx.split(model)
+    tokens, lengths = greedy_fn(
+        graphdef,
+        state,
+        jnp.asarray(ids),
+        jnp.asarray(mask),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(eos_array),
+        capacity=bucket_size(max_new_tokens),
+        pad_id=int(pad_token_id),
+    )
+    n = len(sequences)
+    tokens = np.asarray(tokens)[:n, :max_new_tokens]
+    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[:n])
+
+
 # ---------------------------------------------------------------------------------------
 # LLaMA (decoder-only)
 # ---------------------------------------------------------------------------------------
@@ -193,17 +235,11 @@ def generate_llama(
     pad_token_id: filler after eos (default: config pad, else first eos, else 0).
     Batch, prompt length and ``max_new_tokens`` are bucketed (``bucket_size``).
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not prompts:
-        raise ValueError("no prompts to generate from")
+    _check_request(prompts, max_new_tokens, "prompts")
     cfg: LlamaConfig = model.cfg
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or (0,))[0]
-    rows = bucket_size(len(prompts), minimum=1)
-    length = bucket_size(max(len(p) for p in prompts))
-    capacity = bucket_size(max_new_tokens)
     longest = max(len(p) for p in prompts) + max_new_tokens
     if longest > cfg.max_position_embeddings:
         # Buckets only pad the cache; the rotary positions are the real ones.
@@ -211,23 +247,7 @@ def generate_llama(
             f"longest prompt + max_new_tokens = {longest} tokens exceeds "
             f"max_position_embeddings {cfg.max_position_embeddings}"
         )
-    ids, mask = left_pad(prompts, length, pad_token_id, rows)
-    # A constant-size eos array (padded with -1, never a token) keeps one compile.
-    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
-    eos_array[: len(eos)] = eos
-    graphdef, state = nnx.split(model)
-    tokens, lengths = _llama_greedy(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        jnp.int32(max_new_tokens),
-        jnp.asarray(eos_array),
-        capacity=capacity,
-        pad_id=int(pad_token_id),
-    )
-    tokens = np.asarray(tokens)[: len(prompts), :max_new_tokens]
-    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[: len(prompts)])
+    return _run_greedy(_llama_greedy, model, prompts, max_new_tokens, eos, pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -293,30 +313,11 @@ def generate_t5(
     are bucketed (``bucket_size``). Source padding does not change the result: T5 only
     sees relative positions, and padded keys are masked.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not sources:
-        raise ValueError("no sources to generate from")
+    _check_request(sources, max_new_tokens, "sources")
     cfg: T5Config = model.cfg
     eos = (cfg.eos_token_id,) if eos_token_ids is None else tuple(eos_token_ids)
     pad_token_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    rows = bucket_size(len(sources), minimum=1)
-    ids, mask = left_pad(sources, bucket_size(max(len(s) for s in sources)), pad_token_id, rows)
-    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
-    eos_array[: len(eos)] = eos
-    graphdef, state = nnx.split(model)
-    tokens, lengths = _t5_greedy(
-        graphdef,
-        state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
-        jnp.int32(max_new_tokens),
-        jnp.asarray(eos_array),
-        capacity=bucket_size(max_new_tokens),
-        pad_id=int(pad_token_id),
-    )
-    tokens = np.asarray(tokens)[: len(sources), :max_new_tokens]
-    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[: len(sources)])
+    return _run_greedy(_t5_greedy, model, sources, max_new_tokens, eos, pad_token_id)
 
 
 # ---------------------------------------------------------------------------------------

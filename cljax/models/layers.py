@@ -1,5 +1,7 @@
 """Building blocks shared by the Flax NNX models: parameters with logical axis names,
-stacked (scanned) dense layers, RMS norm, embeddings, and the dtype policy.
+stacked (scanned) dense layers, RMS norm, embeddings, the dtype policy, the masked
+attention softmax, and the config helpers every model family uses (named presets, the
+``config.json`` fields that no model computes with).
 
 Every parameter carries *logical* axis names (``embed``, ``heads``, ``kv``, ``mlp``,
 ``vocab``, ``layers``) in its metadata; ``cljax.parallel`` maps them onto mesh axes.
@@ -11,8 +13,8 @@ slice at a time inside ``scan_layers``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -187,3 +189,53 @@ def scan_layers(
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     return jax.lax.scan(step, carry, (state, xs))
+
+
+def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention weights: softmax over the last axis of float32 ``scores`` where ``mask``
+    (bool, broadcastable to ``scores``) is True, 0 elsewhere.
+
+    Masked scores are set to the most negative finite float32 (as Hugging Face does)
+    rather than -inf, so a fully masked row (a padding query) averages its values
+    instead of producing NaN; that row's output is never used.
+    """
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------
+
+# config.json fields that transformers writes for any model and that never change the
+# forward pass: bookkeeping, output switches, classification-head labels. Each model's
+# ``from_hf_dict`` accepts these plus its own.
+HF_BOOKKEEPING_FIELDS = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "transformers_version",
+        "torch_dtype",
+        "dtype",
+        "use_cache",
+        "_name_or_path",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "id2label",
+        "label2id",
+        "problem_type",
+    }
+)
+
+ConfigT = TypeVar("ConfigT")
+
+
+def preset_config(
+    presets: Mapping[str, ConfigT], name: str, family: str, **overrides: Any
+) -> ConfigT:
+    """``presets[name]`` (a frozen dataclass) with ``overrides`` replacing fields; an
+    unknown ``name`` raises, naming the ``family`` and the valid names."""
+    if name not in presets:
+        raise ValueError(f"unknown {family} preset {name!r}; valid: {sorted(presets)}")
+    return dataclasses.replace(presets[name], **overrides)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -31,7 +31,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cljax.models.layers import DTypePolicy, Embed, Linear, RMSNorm, scan_layers
+from cljax.models.layers import (
+    HF_BOOKKEEPING_FIELDS,
+    DTypePolicy,
+    Embed,
+    Linear,
+    RMSNorm,
+    masked_softmax,
+    preset_config,
+    scan_layers,
+)
+from cljax.models.losses import masked_mean_nll
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -39,9 +49,6 @@ _ROPE_KEYS = {
     "linear": {"factor"},
     "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
 }
-# A finite "minus infinity": a fully masked row (a padding query) softmaxes to uniform
-# weights instead of NaN, and its output is never used.
-_MASKED = -1e30
 
 
 def _validate_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -136,9 +143,7 @@ class LlamaConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LlamaConfig:
         """A named shape: ``tiny`` (tests), ``llama-2-7b``, ``llama-3.1-8b``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown LLaMA preset {name!r}; valid: {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        return preset_config(PRESETS, name, "LLaMA", **overrides)
 
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], policy: DTypePolicy | None = None) -> LlamaConfig:
@@ -228,26 +233,14 @@ _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "mlp_bias": (False,),
     "attention_dropout": (0, 0.0),
 }
-# Fields that do not change the forward pass (bookkeeping, training-time switches).
-_IGNORED_HF_FIELDS = {
-    "model_type",
-    "architectures",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
+# Fields that do not change the forward pass: bookkeeping (``HF_BOOKKEEPING_FIELDS``),
+# training-time switches and generic PretrainedConfig fields.
+_IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "initializer_range",
-    "use_cache",
     "pretraining_tp",  # only splits the matmuls; same result
-    "_name_or_path",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
     "tie_encoder_decoder",
     "chunk_size_feed_forward",
     "is_encoder_decoder",
-    "id2label",
-    "label2id",
-    "problem_type",
 }
 _KNOWN_HF_FIELDS = (
     {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy"}
@@ -374,8 +367,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
     q = q.reshape(b, t, kv, h // kv, dh)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(dh))
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = masked_softmax(scores, mask[:, None, None]).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h * dh)
 
@@ -549,49 +541,7 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -
     """Mean next-token cross-entropy over the masked positions.
 
     logits (B, T, V) float; labels (B, T) int: ``labels[b, t]`` is the token that
-    ``logits[b, t]`` must predict (already shifted, see ``decoder_only_example``);
+    ``logits[b, t]`` must predict (already shifted, see ``cljax.data.batching.decoder_batch``);
     loss_mask (B, T) {0,1}. Returns a float32 scalar (nats per answer token).
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    weights = loss_mask.astype(jnp.float32)
-    return -jnp.sum(token_logp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
-
-
-def decoder_only_example(
-    prompt: Sequence[int],
-    answer: Sequence[int],
-    *,
-    length: int,
-    bos_id: int,
-    eos_id: int,
-    pad_id: int,
-) -> dict[str, np.ndarray]:
-    """One right-padded training row for ``bos + prompt + answer + eos``.
-
-    Returns int32 arrays of shape (length,): ``input_ids``, ``attention_mask``,
-    ``labels`` (the next token at each position) and ``loss_mask`` (1 exactly where
-    the next token is an answer token or the closing eos). A sequence longer than
-    ``length`` loses prompt tokens from the left; an answer that cannot fit raises.
-    """
-    room = length - len(answer) - 2
-    if room < 0:
-        raise ValueError(f"answer of {len(answer)} tokens does not fit in length {length}")
-    prompt = list(prompt)[max(0, len(prompt) - room) :]
-    sequence = [bos_id, *prompt, *answer, eos_id]
-    n = len(sequence)
-    ids = np.full((length,), pad_id, np.int32)
-    ids[:n] = sequence
-    labels = np.full((length,), pad_id, np.int32)
-    labels[: n - 1] = sequence[1:]
-    loss_mask = np.zeros((length,), np.int32)
-    # Position t predicts sequence[t + 1]; the answer starts at index 1 + len(prompt).
-    loss_mask[len(prompt) : n - 1] = 1
-    attention_mask = np.zeros((length,), np.int32)
-    attention_mask[:n] = 1
-    return {
-        "input_ids": ids,
-        "attention_mask": attention_mask,
-        "labels": labels,
-        "loss_mask": loss_mask,
-    }
+    return masked_mean_nll(logits, labels, loss_mask)

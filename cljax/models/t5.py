@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -44,18 +44,18 @@ import numpy as np
 from flax import nnx
 
 from cljax.models.layers import (
+    HF_BOOKKEEPING_FIELDS,
     DTypePolicy,
     Embed,
     Linear,
     RMSNorm,
+    masked_softmax,
     normal_init,
     param,
+    preset_config,
     scan_layers,
 )
-
-# The protocol's seq2seq format (docs/protocol.md): source <= 512 tokens, target <= 50.
-MAX_SOURCE_LEN = 512
-MAX_TARGET_LEN = 50
+from cljax.models.losses import masked_mean_nll
 
 # feed_forward_proj -> (activation, gated). HF maps "gated-gelu" to gelu_new, the tanh
 # approximation (configuration_t5.py), and "relu" to ReLU.
@@ -142,9 +142,7 @@ class T5Config:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> T5Config:
         """Shapes of a known model (``tiny`` for tests); ``overrides`` replace fields."""
-        if name not in _PRESETS:
-            raise ValueError(f"unknown T5 preset {name!r}; valid: {sorted(_PRESETS)}")
-        return dataclasses.replace(_PRESETS[name], **overrides)
+        return preset_config(_PRESETS, name, "T5", **overrides)
 
     @classmethod
     def from_hf_dict(cls, hf: Mapping[str, Any], policy: DTypePolicy | None = None) -> T5Config:
@@ -258,28 +256,15 @@ _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "is_encoder_decoder": (True,),
     "tie_encoder_decoder": (False,),
 }
-# Fields that do not change the forward pass: bookkeeping, training or generation
-# switches, classification heads this model does not have.
-_IGNORED_HF_FIELDS = {
-    "model_type",
-    "architectures",
-    "transformers_version",
-    "torch_dtype",
-    "dtype",
+# Fields that do not change the forward pass: bookkeeping (``HF_BOOKKEEPING_FIELDS``),
+# training or generation switches, classification heads this model does not have.
+_IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "initializer_factor",
-    "use_cache",
     "n_positions",  # T5 has no absolute positions; older configs carry it anyway
     "output_past",
     "task_specific_params",
     "classifier_dropout",
-    "_name_or_path",
-    "output_attentions",
-    "output_hidden_states",
-    "return_dict",
     "gradient_checkpointing",
-    "id2label",
-    "label2id",
-    "problem_type",
 }
 _KNOWN_HF_FIELDS = (
     {f.name for f in dataclasses.fields(T5Config)} - {"policy"}
@@ -404,12 +389,31 @@ def _attend(
     scores = jnp.einsum("bthd,bhsd->bhts", q, k, preferred_element_type=jnp.float32)
     if bias is not None:
         scores = scores + bias
-    # A finite minimum (not -inf), as HF does: a fully masked row (a padded query)
-    # then averages instead of producing NaN.
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = masked_softmax(scores, mask).astype(v.dtype)
     probs = dropout(probs, dropout_rate, dropout_key)
     return jnp.einsum("bhts,bhsd->bthd", probs, v)
+
+
+def _dense(
+    config: T5Config,
+    num_layers: int,
+    rngs: nnx.Rngs,
+    d_in: int,
+    d_out: int,
+    axes: tuple[str, str],
+    init_std: float,
+) -> Linear:
+    """A bias-free ``Linear`` stacked over ``num_layers`` (kernel (L, d_in, d_out)),
+    initialised normal(0, ``init_std``)."""
+    return Linear(
+        d_in,
+        d_out,
+        axes=axes,
+        rngs=rngs,
+        stack=(num_layers,),
+        policy=config.policy,
+        init_std=init_std,
+    )
 
 
 class T5Attention(nnx.Module):
@@ -417,45 +421,13 @@ class T5Attention(nnx.Module):
     (kernels ``(L, d_model, H*Dk)`` and ``(L, H*Dk, d_model)``), no biases."""
 
     def __init__(self, config: T5Config, num_layers: int, *, rngs: nnx.Rngs):
-        d, inner, policy = config.d_model, config.inner_dim, config.policy
-        stack = (num_layers,)
+        d, inner, kv = config.d_model, config.inner_dim, config.d_kv
+        stacked = (config, num_layers, rngs)
         # HF's initialisation: it keeps activations O(1) without the 1/sqrt(d_kv) scaling.
-        self.q_proj = Linear(
-            d,
-            inner,
-            axes=("embed", "heads"),
-            rngs=rngs,
-            stack=stack,
-            policy=policy,
-            init_std=(d * config.d_kv) ** -0.5,
-        )
-        self.k_proj = Linear(
-            d,
-            inner,
-            axes=("embed", "heads"),
-            rngs=rngs,
-            stack=stack,
-            policy=policy,
-            init_std=d**-0.5,
-        )
-        self.v_proj = Linear(
-            d,
-            inner,
-            axes=("embed", "heads"),
-            rngs=rngs,
-            stack=stack,
-            policy=policy,
-            init_std=d**-0.5,
-        )
-        self.o_proj = Linear(
-            inner,
-            d,
-            axes=("heads", "embed"),
-            rngs=rngs,
-            stack=stack,
-            policy=policy,
-            init_std=inner**-0.5,
-        )
+        self.q_proj = _dense(*stacked, d, inner, ("embed", "heads"), (d * kv) ** -0.5)
+        self.k_proj = _dense(*stacked, d, inner, ("embed", "heads"), d**-0.5)
+        self.v_proj = _dense(*stacked, d, inner, ("embed", "heads"), d**-0.5)
+        self.o_proj = _dense(*stacked, inner, d, ("heads", "embed"), inner**-0.5)
         self.num_heads = config.num_heads
         self.d_kv = config.d_kv
         self.dropout_rate = config.dropout_rate
@@ -489,28 +461,17 @@ class T5MLP(nnx.Module):
     """``wo(act(wi x))`` (relu) or ``wo(gelu_new(wi_0 x) * wi_1 x)`` (gated-gelu)."""
 
     def __init__(self, config: T5Config, num_layers: int, *, rngs: nnx.Rngs):
-        d, f, policy, stack = config.d_model, config.d_ff, config.policy, (num_layers,)
+        d, f, stacked = config.d_model, config.d_ff, (config, num_layers, rngs)
         self.gated = config.is_gated
         self.activation = config.activation
         self.dropout_rate = config.dropout_rate
-
-        def dense(d_in, d_out, axes):
-            return Linear(
-                d_in,
-                d_out,
-                axes=axes,
-                rngs=rngs,
-                stack=stack,
-                policy=policy,
-                init_std=d_in**-0.5,
-            )
-
+        # Fan-in init (HF's): std d_in ** -0.5.
         if self.gated:
-            self.wi_0 = dense(d, f, ("embed", "mlp"))
-            self.wi_1 = dense(d, f, ("embed", "mlp"))
+            self.wi_0 = _dense(*stacked, d, f, ("embed", "mlp"), d**-0.5)
+            self.wi_1 = _dense(*stacked, d, f, ("embed", "mlp"), d**-0.5)
         else:
-            self.wi = dense(d, f, ("embed", "mlp"))
-        self.wo = dense(f, d, ("mlp", "embed"))
+            self.wi = _dense(*stacked, d, f, ("embed", "mlp"), d**-0.5)
+        self.wo = _dense(*stacked, f, d, ("mlp", "embed"), f**-0.5)
 
     def _act(self, x: jax.Array) -> jax.Array:
         if self.activation == "relu":
@@ -844,65 +805,6 @@ class T5(nnx.Module):
 # --------------------------------------------------------------------------- loss
 
 
-def shift_right(labels: jax.Array | np.ndarray, decoder_start_token_id: int) -> jax.Array:
-    """Decoder inputs (B, T) from targets (B, T): ``[start, labels[:, :-1]]``, as HF's
-    ``_shift_right`` (the decoder reads the previous target token at each position)."""
-    labels = jnp.asarray(labels)
-    start = jnp.full((labels.shape[0], 1), decoder_start_token_id, labels.dtype)
-    return jnp.concatenate([start, labels[:, :-1]], axis=1)
-
-
-def seq2seq_example(
-    source: Sequence[int],
-    target: Sequence[int],
-    *,
-    source_length: int,
-    target_length: int,
-    pad_id: int,
-    decoder_start_id: int,
-) -> dict[str, np.ndarray]:
-    """One right-padded training row of the protocol's encoder-decoder format.
-
-    ``source`` and ``target`` are token ids as the T5 tokenizer gives them (each ending
-    in eos); ``source_length`` <= 512 and ``target_length`` <= 50 (the protocol's
-    limits). Truncation is the batching code's job (it keeps the trailing "Answer:"),
-    so a row that does not fit raises. Returns int32 arrays: ``input_ids`` and
-    ``attention_mask`` (source_length,); ``decoder_input_ids`` (the targets shifted right
-    behind ``decoder_start_id``), ``labels`` and ``loss_mask`` (1 on target tokens,
-    0 on padding), each (target_length,).
-    """
-    if not 0 < source_length <= MAX_SOURCE_LEN:
-        raise ValueError(f"source_length={source_length} not in 1..{MAX_SOURCE_LEN}")
-    if not 0 < target_length <= MAX_TARGET_LEN:
-        raise ValueError(f"target_length={target_length} not in 1..{MAX_TARGET_LEN}")
-    if not 0 < len(source) <= source_length:
-        raise ValueError(
-            f"source of {len(source)} tokens does not fit source_length={source_length}"
-        )
-    if not 0 < len(target) <= target_length:
-        raise ValueError(
-            f"target of {len(target)} tokens does not fit target_length={target_length}"
-        )
-    input_ids = np.full((source_length,), pad_id, np.int32)
-    input_ids[: len(source)] = source
-    attention_mask = np.zeros((source_length,), np.int32)
-    attention_mask[: len(source)] = 1
-    labels = np.full((target_length,), pad_id, np.int32)
-    labels[: len(target)] = target
-    loss_mask = np.zeros((target_length,), np.int32)
-    loss_mask[: len(target)] = 1
-    decoder_input_ids = np.full((target_length,), pad_id, np.int32)
-    decoder_input_ids[0] = decoder_start_id
-    decoder_input_ids[1 : len(target)] = target[:-1]
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "decoder_input_ids": decoder_input_ids,
-        "labels": labels,
-        "loss_mask": loss_mask,
-    }
-
-
 def seq2seq_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Mean cross-entropy of the target tokens.
 
@@ -911,7 +813,4 @@ def seq2seq_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> 
     0 on padding. Returns a float32 scalar (nats per target token); equals HF's
     ``T5ForConditionalGeneration`` loss with the padded labels set to -100.
     """
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_logp = jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    weights = loss_mask.astype(jnp.float32)
-    return -jnp.sum(token_logp * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    return masked_mean_nll(logits, labels, loss_mask)

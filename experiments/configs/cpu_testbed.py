@@ -11,10 +11,10 @@ Choices (all for a 2-core CPU and about an hour for all methods and both models)
   agnews. dbpedia has no train split and yelp no test split offline: a stratified,
   seeded half of the existing split is carved out as the missing one
   (``data.holdout_fraction``; recorded in each run's data.json).
-- Per-class subsampling (seeded): 48 training and 16 test examples per class, so
-  dbpedia has 672 / 224, amazon and yelp 240 / 80, agnews 192 / 64.
+- Per-class subsampling (seeded): 48 training and 12 test examples per class, so
+  dbpedia has 672 / 168, amazon and yelp 240 / 60, agnews 192 / 48.
 - Tokenizer: a byte-level BPE of 2048 tokens trained on the tasks' training prompts
-  (cached); prompts cut to 192 tokens keeping the trailing "Answer:".
+  (cached); prompts cut to 160 tokens keeping the trailing "Answer:".
 - Models from scratch (no checkpoints offline): LLaMA width 128, 2 layers; T5 width 128,
   2 + 2 layers. Because the base knows nothing, LoRA methods adapt every projection
   (rank 16) instead of only q and v; learning rates are a from-scratch model's.
@@ -53,10 +53,10 @@ def get_config(family: str = "llama") -> Config:
     cfg.data.order = "dbpedia,amazon,yelp,agnews"
     cfg.data.holdout_fraction = 0.5
     cfg.data.train_per_class = 48
-    cfg.data.test_per_class = 16
+    cfg.data.test_per_class = 12
     cfg.data.tokenizer = "bpe"
     cfg.data.tokenizer_vocab_size = 2048
-    cfg.data.max_source_length = 192
+    cfg.data.max_source_length = 160
     cfg.data.max_target_length = 16
     cfg.train.batch_size = 16
     cfg.train.epochs = 3

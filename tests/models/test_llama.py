@@ -21,7 +21,6 @@ from cljax.models.llama import (
     Llama,
     LlamaConfig,
     causal_lm_loss,
-    decoder_only_example,
     positions_from_mask,
 )
 
@@ -264,24 +263,12 @@ def test_from_hf_dict_rejects_unsupported_fields():
             LlamaConfig.from_hf_dict(bad | change)
 
 
-def test_decoder_only_example_masks_the_prompt_by_hand():
-    row = decoder_only_example([5, 6], [7, 8], length=8, bos_id=1, eos_id=2, pad_id=0)
-    np.testing.assert_array_equal(row["input_ids"], [1, 5, 6, 7, 8, 2, 0, 0])
-    np.testing.assert_array_equal(row["attention_mask"], [1, 1, 1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(row["labels"], [5, 6, 7, 8, 2, 0, 0, 0])
-    # Positions 2, 3, 4 predict 7, 8 and eos; bos->5 and 5->6 are prompt, not scored.
-    np.testing.assert_array_equal(row["loss_mask"], [0, 0, 1, 1, 1, 0, 0, 0])
-    cut = decoder_only_example([5, 6, 9, 9], [7], length=5, bos_id=1, eos_id=2, pad_id=0)
-    np.testing.assert_array_equal(cut["input_ids"], [1, 9, 9, 7, 2])
-    np.testing.assert_array_equal(cut["loss_mask"], [0, 0, 1, 1, 0])
-    with pytest.raises(ValueError, match="answer of 4 tokens does not fit in length 5"):
-        decoder_only_example([5], [7, 7, 7, 7], length=5, bos_id=1, eos_id=2, pad_id=0)
-
-
 def test_causal_lm_loss_scores_only_answer_tokens():
-    row = decoder_only_example([5, 6], [7, 8], length=8, bos_id=1, eos_id=2, pad_id=0)
+    # bos=1 + prompt [5, 6] + answer [7, 8] + eos=2, right-padded with 0 to 8: position t
+    # predicts sequence[t + 1]; positions 2, 3, 4 predict 7, 8 and eos (the answer).
+    labels = np.array([[5, 6, 7, 8, 2, 0, 0, 0]], np.int32)
+    loss_mask = np.array([[0, 0, 1, 1, 1, 0, 0, 0]], np.int32)
     logits = jax.random.normal(jax.random.key(0), (1, 8, 10))
-    labels, loss_mask = row["labels"][None], row["loss_mask"][None]
     loss = causal_lm_loss(logits, labels, loss_mask)
     # By hand: mean of -log softmax(logits[t])[label[t]] over t = 2, 3, 4.
     p = np.asarray(jax.nn.softmax(logits[0], axis=-1))

@@ -26,12 +26,10 @@ from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 from cljax.models.convert import load_hf_checkpoint
 from cljax.models.layers import DTypePolicy, logical_axes
 from cljax.models.t5 import (
-    MAX_TARGET_LEN,
     T5,
     T5Config,
     dropout,
     relative_position_buckets,
-    seq2seq_example,
     seq2seq_loss,
 )
 
@@ -147,64 +145,47 @@ def test_encoder_and_logits_match_transformers(t5_checkpoints):
     np.testing.assert_allclose(np.asarray(logits)[real_dec], ref_logits[real_dec], atol=TOL, rtol=0)
 
 
+def _right_padded(rows: list[list[int]], length: int, pad: int) -> np.ndarray:
+    out = np.full((len(rows), length), pad, np.int32)
+    for r, row in enumerate(rows):
+        out[r, : len(row)] = row
+    return out
+
+
 def test_seq2seq_loss_matches_transformers(t5_checkpoints):
     hf, _, model, cfg = t5_checkpoints
     rng = np.random.default_rng(1)
     pairs = [(9, 4), (20, 7), (5, 1)]  # (source, target) lengths, eos (1) last
     rows = [
-        seq2seq_example(
-            [*rng.integers(2, VOCAB, n - 1).tolist(), 1],
-            [*rng.integers(2, VOCAB, t - 1).tolist(), 1],
-            source_length=24,
-            target_length=10,  # the shapes of padded_batch: reuses the compiled _forward
-            pad_id=cfg.pad_token_id,
-            decoder_start_id=cfg.decoder_start_token_id,
-        )
+        ([*rng.integers(2, VOCAB, n - 1).tolist(), 1], [*rng.integers(2, VOCAB, t - 1).tolist(), 1])
         for n, t in pairs
     ]
-    batch = {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-    hf_labels = np.where(batch["loss_mask"] == 1, batch["labels"], -100)
+    sources, targets = [s for s, _ in rows], [t for _, t in rows]
+    # The shapes of padded_batch (24, 10): reuses the compiled _forward.
+    input_ids = _right_padded(sources, 24, cfg.pad_token_id)
+    attention_mask = _right_padded([[1] * len(s) for s in sources], 24, 0)
+    labels = _right_padded(targets, 10, cfg.pad_token_id)
+    loss_mask = _right_padded([[1] * len(t) for t in targets], 10, 0)
+    # Shifted right by hand: the decoder reads the previous target token.
+    decoder_input_ids = _right_padded(
+        [[cfg.decoder_start_token_id, *t[:-1]] for t in targets], 10, cfg.pad_token_id
+    )
+    hf_labels = np.where(loss_mask == 1, labels, -100)
     with torch.no_grad():
         ref = hf(
-            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
-            attention_mask=torch.tensor(batch["attention_mask"]),
+            input_ids=torch.tensor(input_ids, dtype=torch.long),
+            attention_mask=torch.tensor(attention_mask),
             labels=torch.tensor(hf_labels, dtype=torch.long),
         ).loss.item()
     _, logits = _forward(
         model,
-        jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention_mask"]),
-        jnp.asarray(batch["decoder_input_ids"]),
+        jnp.asarray(input_ids),
+        jnp.asarray(attention_mask),
+        jnp.asarray(decoder_input_ids),
         jnp.ones((3, 10), jnp.int32),  # causal masking alone keeps padding out of the loss
     )
-    loss = seq2seq_loss(logits, jnp.asarray(batch["labels"]), jnp.asarray(batch["loss_mask"]))
+    loss = seq2seq_loss(logits, jnp.asarray(labels), jnp.asarray(loss_mask))
     assert float(loss) == pytest.approx(ref, abs=TOL)
-
-
-def test_seq2seq_example_layout():
-    row = seq2seq_example(
-        [5, 6, 7, 1], [8, 9, 1], source_length=6, target_length=5, pad_id=0, decoder_start_id=0
-    )
-    assert row["input_ids"].tolist() == [5, 6, 7, 1, 0, 0]
-    assert row["attention_mask"].tolist() == [1, 1, 1, 1, 0, 0]
-    assert row["decoder_input_ids"].tolist() == [0, 8, 9, 0, 0]
-    assert row["labels"].tolist() == [8, 9, 1, 0, 0]
-    assert row["loss_mask"].tolist() == [1, 1, 1, 0, 0]
-    with pytest.raises(ValueError, match="target of 4 tokens"):
-        seq2seq_example(
-            [5], [1, 2, 3, 4], source_length=6, target_length=3, pad_id=0, decoder_start_id=0
-        )
-    with pytest.raises(ValueError, match="target_length=51"):
-        seq2seq_example(
-            [5],
-            [1],
-            source_length=6,
-            target_length=MAX_TARGET_LEN + 1,
-            pad_id=0,
-            decoder_start_id=0,
-        )
-    with pytest.raises(ValueError, match="source_length=513"):
-        seq2seq_example([5], [1], source_length=513, target_length=4, pad_id=0, decoder_start_id=0)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
