@@ -131,7 +131,8 @@ def plot_run(run_dir: Path) -> list[Path]:
     acc, tasks = record["accuracy"], record["tasks"]
     paths = [Path(run_dir) / "accuracy_matrix.png", Path(run_dir) / "accuracy_curves.png"]
 
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(tasks), 1.0 + 0.6 * acc.shape[0] + 1.0))
+    size = (max(5.0, 2.0 + 0.8 * len(tasks)), max(4.0, 2.0 + 0.6 * acc.shape[0]))
+    fig, ax = plt.subplots(figsize=size)
     image = ax.imshow(np.ma.masked_invalid(acc), vmin=0, vmax=100, cmap="viridis")
     for (t, i), value in np.ndenumerate(acc):
         if math.isfinite(value):
@@ -140,7 +141,7 @@ def plot_run(run_dir: Path) -> list[Path]:
     ax.set_yticks(range(acc.shape[0]), _phase_names(tasks, acc))
     ax.set_xlabel("evaluated on")
     ax.set_ylabel("after training on")
-    ax.set_title(f"{record['method']}: accuracy (%)")
+    ax.set_title(f"{record['method']}: accuracy (%)", fontsize=10)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(paths[0], dpi=100)
