@@ -11,6 +11,7 @@ directory fails at start-up with its path.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from cljax.config import Config
 
@@ -27,6 +28,23 @@ METHODS = (
     "mtl",
     "pertaskft",
 )
+
+
+def _per_method(
+    full: dict[str, Any], lora: dict[str, Any], osf_schedule_step: float, gorp: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """The per-method settings: full fine-tuning methods share ``full``, the LoRA family
+    ``lora``; OSF uses the authors' executed rank schedule
+    ``k = floor(max(m, n) * osf_schedule_step * (t - 1))``; GORP adds ``gorp``."""
+    settings = {name: dict(full) for name in ("seqft", "ewc", "l2", "replay", "mtl", "pertaskft")}
+    settings["osf"] = {
+        **full,
+        "method.options.rank_rule": "schedule",
+        "method.options.schedule_step": osf_schedule_step,
+    }
+    settings.update({name: dict(lora) for name in ("seqlora", "inclora", "olora")})
+    settings["gorp"] = {**lora, **gorp}
+    return settings
 
 
 def _common(order: int, checkpoint: str) -> Config:
@@ -71,30 +89,20 @@ def t5_large(order: int) -> Config:
         "method.options.lora_dropout": 0.1,
     }
     full = {"train.learning_rate": 1e-5, "train.weight_decay": 0.01}
-    cfg.method.per_method = {
-        "seqft": dict(full),
-        "ewc": dict(full),
-        "l2": dict(full),
-        "replay": dict(full),
-        "mtl": dict(full),
-        "pertaskft": dict(full),
-        # The authors' executed rank schedule: k = floor(max(m, n) * 0.07 * (t - 1)).
-        "osf": {
-            **full,
-            "method.options.rank_rule": "schedule",
-            "method.options.schedule_step": 0.07,
-        },
-        "seqlora": dict(lora),
-        "inclora": dict(lora),
-        "olora": {**lora, "method.options.lambda1": 0.5, "method.options.lambda2": 0.0},
-        "gorp": {
-            **lora,
+    cfg.method.per_method = _per_method(
+        full,
+        lora,
+        osf_schedule_step=0.07,
+        gorp={
             "method.options.full_learning_rate": 1e-5,
             "method.options.rank": 32 if long_sequence else 8,
             "method.options.scale": 0.25 if long_sequence else 1.0,
             "method.options.update_proj_gap": 20 if long_sequence else 10,
         },
-    }
+    )
+    cfg.method.per_method["olora"].update(
+        {"method.options.lambda1": 0.5, "method.options.lambda2": 0.0}
+    )
     return cfg
 
 
@@ -117,27 +125,15 @@ def llama2_7b(order: int) -> Config:
         "method.options.lora_dropout": 0.1,
     }
     full = {"train.learning_rate": 1e-5}
-    cfg.method.per_method = {
-        "seqft": dict(full),
-        "ewc": dict(full),
-        "l2": dict(full),
-        "replay": dict(full),
-        "mtl": dict(full),
-        "pertaskft": dict(full),
-        # The authors' LLaMA 4-task run froze s = 0.25, 0.5, 0.75 of max(m, n).
-        "osf": {
-            **full,
-            "method.options.rank_rule": "schedule",
-            "method.options.schedule_step": 0.25,
-        },
-        "seqlora": dict(lora),
-        "inclora": dict(lora),
-        "olora": dict(lora),
-        "gorp": {
-            **lora,
+    # The authors' LLaMA 4-task run froze s = 0.25, 0.5, 0.75 of max(m, n).
+    cfg.method.per_method = _per_method(
+        full,
+        lora,
+        osf_schedule_step=0.25,
+        gorp={
             "method.options.full_learning_rate": 1e-6,
             "method.options.rank": 8,
             "method.options.scale": 0.25,
         },
-    }
+    )
     return cfg

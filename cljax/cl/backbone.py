@@ -22,7 +22,9 @@ from flax import nnx
 from cljax.config import ModelConfig
 from cljax.data.batching import Batch, TextTokenizer
 from cljax.models.layers import DTypePolicy
+from cljax.models.llama import Llama, LlamaConfig
 from cljax.models.losses import masked_mean_nll, token_logprobs
+from cljax.models.t5 import T5, T5Config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +34,9 @@ class Family:
     Attributes:
       name: ``llama`` or ``t5``.
       format: batch format of ``cljax.data.batching`` (``decoder`` / ``seq2seq``).
-      build: ``(model_cfg, tokenizer, rngs) -> (model, family config)``.
+      config_class / model_class: the family's config dataclass (with ``preset``) and
+        NNX module.
+      token_fields: the config fields a tokenizer fixes (vocabulary, special ids).
       logits: ``(model, batch) -> (B, T, V)`` float32 logits at the loss positions.
       generate: ``(model, prompts, max_new_tokens, tokenizer) -> list of token lists``;
         prompts are the batch builders' prompt ids (no specials).
@@ -43,12 +47,31 @@ class Family:
 
     name: str
     format: Literal["decoder", "seq2seq"]
-    build: Callable[[ModelConfig, TextTokenizer, nnx.Rngs], tuple[nnx.Module, Any]]
+    config_class: Any
+    model_class: Any
+    token_fields: Callable[[TextTokenizer], dict[str, Any]]
     logits: Callable[[nnx.Module, Batch], jax.Array]
     generate: Callable[[nnx.Module, Sequence[np.ndarray], int, TextTokenizer], list[list[int]]]
     osf_targets: tuple[str, ...]
     lora_targets: tuple[str, ...]
     gorp_full_targets: tuple[str, ...]
+
+    def build(
+        self, cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs
+    ) -> tuple[nnx.Module, Any]:
+        """The model of ``cfg``: loaded from ``cfg.checkpoint``, or a preset (with
+        ``cfg.overrides``) sized for ``tokenizer`` and randomly initialised."""
+        if cfg.checkpoint:
+            model, model_cfg = _from_checkpoint(cfg, tokenizer)
+            if not isinstance(model_cfg, self.config_class):
+                raise ValueError(
+                    f"model.checkpoint {cfg.checkpoint} holds a {type(model_cfg).__name__} "
+                    f"model, but model.family is {self.name!r}"
+                )
+            return model, model_cfg
+        fields = {**self.token_fields(tokenizer), **cfg.overrides}
+        model_cfg = self.config_class.preset(cfg.preset, policy=_policy(cfg), **fields)
+        return self.model_class(model_cfg, rngs=rngs), model_cfg
 
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """Mean token NLL of the answers (float32 scalar)."""
@@ -79,22 +102,6 @@ def _from_checkpoint(cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[nnx.Mo
 # --------------------------------------------------------------------------- LLaMA
 
 
-def _build_llama(cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs):
-    from cljax.models.llama import Llama, LlamaConfig
-
-    if cfg.checkpoint:
-        return _from_checkpoint(cfg, tokenizer)
-    fields = {
-        "vocab_size": tokenizer.vocab_size,
-        "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        **cfg.overrides,
-    }
-    model_cfg = LlamaConfig.preset(cfg.preset, policy=_policy(cfg), **fields)
-    return Llama(model_cfg, rngs=rngs), model_cfg
-
-
 def _llama_logits(model: nnx.Module, batch: Batch) -> jax.Array:
     return model(batch.input_ids, attention_mask=batch.attention_mask)
 
@@ -116,7 +123,14 @@ def _llama_generate(model, prompts, max_new_tokens, tokenizer):
 LLAMA = Family(
     name="llama",
     format="decoder",
-    build=_build_llama,
+    config_class=LlamaConfig,
+    model_class=Llama,
+    token_fields=lambda tok: {
+        "vocab_size": tok.vocab_size,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+    },
     logits=_llama_logits,
     generate=_llama_generate,
     osf_targets=(r"layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/(base/)?kernel$",),
@@ -126,22 +140,6 @@ LLAMA = Family(
 
 
 # --------------------------------------------------------------------------- T5
-
-
-def _build_t5(cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs):
-    from cljax.models.t5 import T5, T5Config
-
-    if cfg.checkpoint:
-        return _from_checkpoint(cfg, tokenizer)
-    fields = {
-        "vocab_size": tokenizer.vocab_size,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": tokenizer.pad_id,
-        "decoder_start_token_id": tokenizer.pad_id,
-        **cfg.overrides,
-    }
-    model_cfg = T5Config.preset(cfg.preset, policy=_policy(cfg), **fields)
-    return T5(model_cfg, rngs=rngs), model_cfg
 
 
 def _t5_logits(model: nnx.Module, batch: Batch) -> jax.Array:
@@ -169,7 +167,14 @@ def _t5_generate(model, prompts, max_new_tokens, tokenizer):
 T5_FAMILY = Family(
     name="t5",
     format="seq2seq",
-    build=_build_t5,
+    config_class=T5Config,
+    model_class=T5,
+    token_fields=lambda tok: {
+        "vocab_size": tok.vocab_size,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
+        "decoder_start_token_id": tok.pad_id,
+    },
     logits=_t5_logits,
     generate=_t5_generate,
     # Authors' targets: self-attention q, k, v, o and the feed-forward of both stacks.

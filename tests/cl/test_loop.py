@@ -238,3 +238,24 @@ def test_non_finite_training_stops_with_task_and_step(tmp_path):
         loop.run_experiment(cfg, log=_quiet)
     # No checkpoint was written from the broken weights.
     assert not list((tmp_path / cfg.run.name / "checkpoints").glob("[0-9]*"))
+
+
+def test_runs_from_a_hugging_face_checkpoint_directory(tmp_path):
+    from cljax.cl.backbone import get_family
+    from cljax.models.convert import export_hf_checkpoint
+
+    cfg = tiny_config(tmp_path, "llama", "seqft")
+    run = loop.ContinualRun(cfg, log=_quiet)  # a random tiny model sized for the tokenizer
+    export_hf_checkpoint(run.model, run.model_cfg, tmp_path / "hf")
+    from_dir = apply_overrides(
+        cfg, [f"model.checkpoint={tmp_path / 'hf'}", "run.name=from_checkpoint"]
+    )
+    loaded = loop.ContinualRun(from_dir, log=_quiet)
+    for path, value in named_leaves(nnx.state(run.model, nnx.Param)).items():
+        np.testing.assert_array_equal(
+            np.asarray(value), np.asarray(named_leaves(nnx.state(loaded.model, nnx.Param))[path])
+        )
+    assert loaded.run().average_accuracy >= 0.0
+    wrong = apply_overrides(from_dir, ["model.family=t5"])
+    with pytest.raises(ValueError, match="model.family is 't5'"):
+        get_family("t5").build(wrong.model, run.data.tokenizer, nnx.Rngs(0))
