@@ -38,6 +38,7 @@ class Family:
         NNX module.
       token_fields: the config fields a tokenizer fixes (vocabulary, special ids).
       logits: ``(model, batch) -> (B, T, V)`` float32 logits at the loss positions.
+      layer_masks: ``batch -> {layer stack path: (B, T) mask of its real tokens}``.
       generate: ``(model, prompts, max_new_tokens, tokenizer) -> list of token lists``;
         prompts are the batch builders' prompt ids (no specials).
       osf_targets: parameter-path regexes of the matrices OSF constrains (authors' set).
@@ -51,6 +52,7 @@ class Family:
     model_class: Any
     token_fields: Callable[[TextTokenizer], dict[str, Any]]
     logits: Callable[[nnx.Module, Batch], jax.Array]
+    layer_masks: Callable[[Batch], dict[str, Any]]
     generate: Callable[[nnx.Module, Sequence[np.ndarray], int, TextTokenizer], list[list[int]]]
     osf_targets: tuple[str, ...]
     lora_targets: tuple[str, ...]
@@ -132,6 +134,7 @@ LLAMA = Family(
         "pad_token_id": tok.pad_id,
     },
     logits=_llama_logits,
+    layer_masks=lambda batch: {"layers": batch.attention_mask},
     generate=_llama_generate,
     osf_targets=(r"layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/(base/)?kernel$",),
     lora_targets=(r"attn/q_proj$", r"attn/v_proj$"),
@@ -176,6 +179,10 @@ T5_FAMILY = Family(
         "decoder_start_token_id": tok.pad_id,
     },
     logits=_t5_logits,
+    layer_masks=lambda batch: {
+        "encoder/layers": batch.attention_mask,
+        "decoder/layers": batch.decoder_attention_mask,
+    },
     generate=_t5_generate,
     # Authors' targets: self-attention q, k, v, o and the feed-forward of both stacks.
     osf_targets=(

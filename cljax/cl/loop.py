@@ -469,7 +469,7 @@ class ContinualRun:
         ``end_task`` hands to the next phase."""
         cfg, method, phase = self.cfg, self.method, pos.phase
         name = self._phase_name(phase)
-        method.begin_task(phase, self.model)
+        method.begin_task(phase, self.model, lambda: self._calibration(phase))
         split = method.train_split(phase, self.data.train)
         total = self._steps(split)
         self.model.train()
@@ -546,6 +546,20 @@ class ContinualRun:
                     writer.close()
         nnx.update(self.model, params, rest)
         return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+
+    def _calibration(self, phase: int) -> list[Batch]:
+        """A few training batches of the previous task (OSF's importance rule)."""
+        if phase == 0 or self.method.joint:
+            return []
+        n = int(self.method.hp.get("calibration_batches", 8))
+        batches = batching.train_batches(
+            self.data.train[phase - 1],
+            self.data.tokenizer,
+            self.batch_config,
+            epoch=0,
+            seed=self.cfg.data.seed + 11 * phase,
+        )
+        return [b for _, b in zip(range(n), batches, strict=False)]
 
     def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
         """Diagonal Fisher of the parameters on ``fisher_batches`` batches of the task,

@@ -6,8 +6,9 @@ loop calls, in this order:
 - ``prepare(t, model, rngs)``: structural changes only (e.g. a new LoRA pair, PerTaskFT's
   reset to the base weights). Replayed for every earlier task when a run resumes, so
   the restored arrays find the same structure.
-- ``begin_task(t, model)``: per-task computations from the current weights (OSF's SVD
-  bases, the anchors of EWC / L2) kept in ``self.arrays`` or returned with the optimizer.
+- ``begin_task(t, model, calibration)``: per-task computations from the current weights
+  (OSF's SVD bases, the anchors of EWC / L2) kept in ``self.arrays`` or in the
+  optimizer; ``calibration()`` yields a few training batches of the previous task.
 - ``optimizer(t, model, learning_rate)``: the optax transform and the NNX filter of the
   trained variables. Clipping and gradient accumulation are the loop's.
 - ``penalty(model, arrays)``: an extra loss term (O-LoRA, EWC, L2), pure, inside jit.
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -34,16 +35,57 @@ import optax
 from flax import nnx
 
 from cljax.cl.backbone import Family
-from cljax.data.batching import EncodedSplit, concatenate_splits
+from cljax.data.batching import Batch, EncodedSplit, concatenate_splits
 from cljax.models import lora
+from cljax.models.layers import record_layers
 from cljax.optim import gorp as gorp_lib
 from cljax.optim import regularizers
 from cljax.optim.galore import resolve_targets
 from cljax.optim.osf import osf, osf_bases, select_targets
-from cljax.optim.subspace import schedule_rank
+from cljax.optim.subspace import (
+    mean_cosine,
+    normalise_importance,
+    ranks_from_importance,
+    schedule_rank,
+)
 
 Filter = Any
 PyTree = Any
+Calibration = Callable[[], Iterable[Batch]]
+
+
+def layer_importance(
+    family: Family, model: nnx.Module, batches: Iterable[Batch]
+) -> dict[str, np.ndarray]:
+    """Per layer stack (its module path, e.g. ``layers`` or ``encoder/layers``), the
+    mean over the batches' real tokens of ``cos(h_in, h_out)`` of each layer's input and
+    output hidden states, shape (L,). Runs the model eagerly (layer by layer)."""
+    names = {id(node): "/".join(map(str, path)) for path, node in nnx.iter_graph(model)}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    model.eval()
+    try:
+        for batch in batches:
+            masks = family.layer_masks(batch)
+            with record_layers() as records:
+                family.logits(model, jax.tree.map(jnp.asarray, batch))
+            for stacked, i, before, after in records:
+                x, y = jax.tree.leaves(before), jax.tree.leaves(after)
+                if not x or np.ndim(x[0]) != 3:
+                    continue  # not a hidden-state carry (e.g. building a decode cache)
+                name = names[id(stacked)]
+                weights = np.asarray(masks[name], np.float64)  # (B, T): real tokens
+                row_means = mean_cosine(x[0], y[0], f"layer {i} of {name}", weights)  # (B,)
+                length = len(jax.tree.leaves(nnx.state(stacked))[0])
+                sums.setdefault(name, np.zeros(length))[i] += float(
+                    (row_means * weights.sum(-1)).sum()
+                )
+                counts.setdefault(name, np.zeros(length))[i] += float(weights.sum())
+    finally:
+        model.train()
+    if not sums:
+        raise ValueError("no calibration batch reached a layer stack")
+    return {name: sums[name] / np.maximum(counts[name], 1.0) for name in sums}
 
 
 class Method:
@@ -80,8 +122,9 @@ class Method:
         """Structural changes at the start of task t."""
 
     # -- per task ----------------------------------------------------------------
-    def begin_task(self, t: int, model: nnx.Module) -> None:
-        """Per-task computations from the weights at the start of task t."""
+    def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
+        """Per-task computations from the weights at the start of task t;
+        ``calibration()`` yields a few training batches of task t - 1 (t > 0)."""
 
     def trainable(self) -> Filter:
         return nnx.Param
@@ -179,10 +222,15 @@ class OSF(Method):
     name = "osf"
     defaults = {
         # "fraction": k = floor(rank_fraction * min(m, n)) (PEFT's effective_rank);
-        # "schedule": k = floor(max(m, n) * schedule_step * t) (the authors' executed run).
+        # "schedule": k = floor(max(m, n) * schedule_step * t) (the authors' executed run);
+        # "importance": the paper's adaptive rule, r = mrr + I * (trr - mrr) of min(m, n)
+        # with I from calibration_batches batches of the previous task.
         "rank_rule": "fraction",
         "rank_fraction": 0.5,
         "schedule_step": 0.07,
+        "mrr": 0.1,
+        "trr": 0.8,
+        "calibration_batches": 8,
         "mode": "two_sided",
         "untargeted": "train",
         "targets": None,  # parameter-path regexes; None: the family's (authors' set)
@@ -190,9 +238,10 @@ class OSF(Method):
 
     def __init__(self, options, family, *, weight_decay, seed):
         super().__init__(options, family, weight_decay=weight_decay, seed=seed)
-        if self.hp["rank_rule"] not in ("fraction", "schedule"):
+        if self.hp["rank_rule"] not in ("fraction", "schedule", "importance"):
             raise ValueError(
-                f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule"
+                f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule,"
+                " importance"
             )
         self._bases = None
         self.targets = tuple(self.hp["targets"] or family.osf_targets)
@@ -207,11 +256,36 @@ class OSF(Method):
         # Fails here, before any training, when the targets match nothing.
         select_targets(nnx.state(model, nnx.Param), self.targets)
 
-    def begin_task(self, t: int, model: nnx.Module) -> None:
+    def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         self._bases = None
         if t > 0:
             params = nnx.state(model, nnx.Param)
-            self._bases = osf_bases(params, self._ranks(t), targets=self.targets)
+            if self.hp["rank_rule"] == "importance":
+                ranks: Any = self._importance_ranks(model, params, calibration)
+            else:
+                ranks = self._ranks(t)
+            self._bases = osf_bases(params, ranks, targets=self.targets)
+
+    def _importance_ranks(
+        self, model: nnx.Module, params: PyTree, calibration: Calibration
+    ) -> dict[str, np.ndarray]:
+        """The paper's adaptive rule: every targeted matrix of a transformer layer gets
+        that layer's importance (mean cos of its input and output hidden states on the
+        calibration batches, normalised by the mean over all layers)."""
+        per_stack = layer_importance(self.family, model, calibration())
+        matrices = select_targets(params, self.targets)
+        raw = {}
+        for path in matrices:
+            stacks = [s for s in per_stack if path.startswith(s + "/")]
+            if not stacks:
+                raise ValueError(f"OSF importance: target {path!r} is not in a layer stack")
+            raw[path] = per_stack[max(stacks, key=len)]
+        return ranks_from_importance(
+            normalise_importance(raw),
+            {path: np.shape(x) for path, x in matrices.items()},
+            mrr=float(self.hp["mrr"]),
+            trr=float(self.hp["trr"]),
+        )
 
     def transform_key(self, t):
         return "adamw" if t == 0 else None  # later tasks: per-task bases
@@ -236,7 +310,7 @@ class _Anchored(Method):
 
     defaults = {"strength": 1.0}
 
-    def begin_task(self, t: int, model: nnx.Module) -> None:
+    def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         if t > 0:
             self.arrays["anchor"] = _param_arrays(model)
         elif "anchor" not in self.arrays:
@@ -261,8 +335,8 @@ class L2(_Anchored):
             * regularizers.l2_to_anchor(self._params(model), arrays["anchor"])
         )
 
-    def begin_task(self, t, model):
-        super().begin_task(t, model)
+    def begin_task(self, t, model, calibration):
+        super().begin_task(t, model, calibration)
         self.arrays["active"] = jnp.asarray(float(t > 0))
 
 

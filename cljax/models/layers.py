@@ -12,8 +12,10 @@ slice at a time inside ``scan_layers``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -170,6 +172,30 @@ class Embed(nnx.Module):
         return jnp.matmul(x.astype(compute), self.embedding[...].astype(compute).T)
 
 
+# (stacked module, layer index, carry before, carry after) of every layer run while
+# ``record_layers`` is active; None otherwise.
+_LAYER_RECORD: contextvars.ContextVar[list[tuple[nnx.Module, int, Any, Any]] | None] = (
+    contextvars.ContextVar("cljax_layer_record", default=None)
+)
+
+
+@contextlib.contextmanager
+def record_layers() -> Iterator[list[tuple[nnx.Module, int, Any, Any]]]:
+    """Record every layer's input and output carry (e.g. the hidden states ``(B, T, D)``).
+
+    Within the context, ``scan_layers`` runs its layers in a Python loop instead of a
+    ``lax.scan`` (so call the model outside ``jit``) and appends ``(stacked module,
+    layer index, carry in, carry out)`` to the yielded list. Used to capture
+    calibration activations (OSF's importance rule) without changing the models.
+    """
+    records: list[tuple[nnx.Module, int, Any, Any]] = []
+    token = _LAYER_RECORD.set(records)
+    try:
+        yield records
+    finally:
+        _LAYER_RECORD.reset(token)
+
+
 def scan_layers(
     stacked: nnx.Module,
     body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
@@ -188,7 +214,17 @@ def scan_layers(
         layer_state, x = slices
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    return jax.lax.scan(step, carry, (state, xs))
+    records = _LAYER_RECORD.get()
+    if records is None:
+        return jax.lax.scan(step, carry, (state, xs))
+    ys = []
+    for i in range(jax.tree.leaves(state)[0].shape[0]):
+        slices = jax.tree.map(lambda a, i=i: a[i], (state, xs))
+        new_carry, y = step(carry, slices)
+        records.append((stacked, i, carry, new_carry))
+        carry = new_carry
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys) if ys[0] is not None else None
 
 
 def masked_softmax(scores: jax.Array, mask: jax.Array) -> jax.Array:

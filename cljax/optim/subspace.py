@@ -137,6 +137,37 @@ def schedule_rank(shape: Sequence[int], s: float) -> int:
     return min(min(m, n), math.floor(max(m, n) * s))
 
 
+def mean_cosine(x: Any, y: Any, name: str = "activations", weights: Any = None) -> np.ndarray:
+    """Mean over tokens of ``cos(x, y)``: ``x`` and ``y`` ``(..., N, d)`` a layer's input
+    and output on N calibration tokens (leading axes: stacked layers, kept separate).
+    ``weights`` ``(..., N)`` (e.g. 0 on padding) weight the mean. Returns ``(...)``."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim < 2:
+        raise ValueError(
+            f"{name}: inputs {x.shape} and outputs {y.shape} must have the same shape"
+            " (..., N, d); for a layer whose widths differ pass the enclosing block's"
+            " input and output"
+        )
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
+        raise ValueError(f"{name} contain NaN or Inf")
+    dot = np.sum(x * y, axis=-1)
+    norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
+    cos = dot / np.maximum(norms, 1e-12)
+    w = np.ones_like(cos) if weights is None else np.broadcast_to(np.asarray(weights), cos.shape)
+    return (cos * w).sum(axis=-1) / np.maximum(w.sum(axis=-1), 1e-12)
+
+
+def normalise_importance(raw: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Divide every target's per-layer mean cosine by the mean over every layer of every
+    target (the authors' normalisation): the scores then average to 1."""
+    if not raw:
+        raise ValueError("importance needs activations for at least one target")
+    mean = np.mean(np.concatenate([np.reshape(v, -1) for v in raw.values()]))
+    if not abs(mean) > 1e-12:
+        raise ValueError(f"mean importance over all layers is {mean}; cannot normalise")
+    return {name: np.asarray(v) / mean for name, v in raw.items()}
+
+
 def importance_scores(
     activations: Mapping[str, tuple[jax.Array, jax.Array]],
 ) -> dict[str, np.ndarray]:
@@ -155,29 +186,42 @@ def importance_scores(
       the mean over tokens of ``cos(x, y)``, divided by the mean over every layer of
       every target (the authors' normalisation), so the scores average to 1.
     """
-    if not activations:
-        raise ValueError("importance_scores needs activations for at least one target")
-    raw: dict[str, np.ndarray] = {}
+    raw = {}
     for name, pair in activations.items():
         if len(pair) != 2:
             raise ValueError(f"activations[{name!r}] must be an (inputs, outputs) pair")
-        x, y = (np.asarray(a, np.float64) for a in pair)
-        if x.shape != y.shape or x.ndim < 2:
+        raw[name] = mean_cosine(pair[0], pair[1], f"activations[{name!r}]")
+    return normalise_importance(raw)
+
+
+def ranks_from_importance(
+    scores: Mapping[str, np.ndarray],
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    mrr: float = 0.1,
+    trr: float = 0.8,
+) -> dict[str, np.ndarray]:
+    """The paper's adaptive rank from normalised importance scores ``{target: I (...)}``:
+    ``r_l = mrr + I_l * (trr - mrr)``, ``k = round(r_l * d)`` with ``d = min(m, n)``,
+    clipped to ``[0, d]`` (NumPy's round-half-to-even). Paper: ``mrr = 0.1, trr = 0.8``;
+    the authors' code: ``mrr = 0.5, trr = 1.0``. ``shapes``: ``{target: (..., m, n)}``
+    whose stack axes ``...`` equal the scores' shape. Returns ``{target: k}``."""
+    missing = sorted(set(scores) - set(shapes))
+    if missing:
+        raise ValueError(f"importance ranks: no weight shape given for targets {missing}")
+    ranks = {}
+    for name, score in scores.items():
+        shape = tuple(shapes[name])
+        m, n = _matrix_dims(shape)
+        if np.shape(score) != shape[:-2]:
             raise ValueError(
-                f"activations[{name!r}]: inputs {x.shape} and outputs {y.shape} must have the"
-                " same shape (..., N, d); for a layer whose widths differ pass the enclosing"
-                " block's input and output"
+                f"importance_ranks[{name!r}]: activations give {np.shape(score)} layers but"
+                f" the weight {shape} stacks {shape[:-2]}"
             )
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            raise ValueError(f"activations[{name!r}] contain NaN or Inf")
-        dot = np.sum(x * y, axis=-1)
-        norms = np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1)
-        cos = dot / np.maximum(norms, 1e-12)
-        raw[name] = cos.mean(axis=-1)
-    mean = np.mean(np.concatenate([v.reshape(-1) for v in raw.values()]))
-    if not abs(mean) > 1e-12:
-        raise ValueError(f"mean importance over all layers is {mean}; cannot normalise")
-    return {name: v / mean for name, v in raw.items()}
+        d = min(m, n)
+        retention = mrr + np.asarray(score) * (trr - mrr)
+        ranks[name] = np.clip(np.rint(retention * d), 0, d).astype(np.int64)
+    return ranks
 
 
 def importance_ranks(
@@ -187,37 +231,11 @@ def importance_ranks(
     mrr: float = 0.1,
     trr: float = 0.8,
 ) -> dict[str, np.ndarray]:
-    """The paper's adaptive rank: ``r_l = mrr + I_l * (trr - mrr)``, ``k = round(r_l * d)``.
-
-    ``d = min(m, n)`` of each target's matrix and ``k`` is clipped to ``[0, d]``;
-    ``round`` is NumPy's round-half-to-even. Paper: ``mrr = 0.1, trr = 0.8``; the
-    authors' code: ``mrr = 0.5, trr = 1.0``.
-
-    Args:
-      activations: see :func:`importance_scores`.
-      shapes: ``{target: (..., m, n)}`` the shape of each target's weight; the stack
-        axes ``...`` must equal the activations' leading axes.
-
-    Returns:
-      ``{target: k}`` integer arrays of shape ``(...)`` (0-d for a single matrix).
-    """
+    """:func:`ranks_from_importance` of :func:`importance_scores` of ``activations``."""
     missing = sorted(set(activations) - set(shapes))
     if missing:
         raise ValueError(f"importance_ranks: no weight shape given for targets {missing}")
-    scores = importance_scores(activations)
-    ranks = {}
-    for name, score in scores.items():
-        shape = tuple(shapes[name])
-        m, n = _matrix_dims(shape)
-        if score.shape != shape[:-2]:
-            raise ValueError(
-                f"importance_ranks[{name!r}]: activations give {score.shape} layers but the"
-                f" weight {shape} stacks {shape[:-2]}"
-            )
-        d = min(m, n)
-        retention = mrr + score * (trr - mrr)
-        ranks[name] = np.clip(np.rint(retention * d), 0, d).astype(np.int64)
-    return ranks
+    return ranks_from_importance(importance_scores(activations), shapes, mrr=mrr, trr=trr)
 
 
 # --------------------------------------------------------------------------- bases

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,6 +17,7 @@ from flax import nnx
 from cljax.cl import loop
 from cljax.cl.methods import METHODS
 from cljax.config import Config, apply_overrides
+from cljax.models.layers import record_layers
 from cljax.optim.osf import osf_bases
 from cljax.optim.subspace import named_leaves
 
@@ -96,9 +99,9 @@ def test_osf_keeps_the_frozen_directions_of_earlier_tasks(tmp_path, monkeypatch)
     starts = {}
     begin = run.method.begin_task
 
-    def recording_begin(t, model):
+    def recording_begin(t, model, calibration):
         starts[t] = {k: np.asarray(v) for k, v in named_leaves(nnx.state(model, nnx.Param)).items()}
-        begin(t, model)
+        begin(t, model, calibration)
 
     monkeypatch.setattr(run.method, "begin_task", recording_begin)
     run.run()
@@ -259,3 +262,53 @@ def test_runs_from_a_hugging_face_checkpoint_directory(tmp_path):
     wrong = apply_overrides(from_dir, ["model.family=t5"])
     with pytest.raises(ValueError, match="model.family is 't5'"):
         get_family("t5").build(wrong.model, run.data.tokenizer, nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_osf_importance_rule_from_calibration_batches(tmp_path, family):
+    from cljax.cl.methods import layer_importance
+
+    cfg = tiny_config(
+        tmp_path,
+        family,
+        "osf",
+        "method.options.rank_rule=importance",
+        "method.options.calibration_batches=2",
+        "method.options.mrr=0.5",
+        "method.options.trr=1.0",
+    )
+    run = loop.ContinualRun(cfg, log=_quiet)
+    batches = run._calibration(1)
+    assert len(batches) == 2
+    per_stack = layer_importance(run.family, run.model, batches)
+    stacks = ["layers"] if family == "llama" else ["encoder/layers", "decoder/layers"]
+    assert sorted(per_stack) == sorted(stacks)
+    # By hand for the first stack, layer 0, over both batches' real tokens.
+    with record_layers() as records:
+        run.family.logits(run.model, jax.tree.map(jnp.asarray, batches[0]))
+    stacked, index, x, y = records[0]
+    x, y = np.asarray(jax.tree.leaves(x)[0]), np.asarray(jax.tree.leaves(y)[0])
+    mask = np.asarray(run.family.layer_masks(batches[0])[stacks[0]], bool)
+    cos = (x * y).sum(-1) / (np.linalg.norm(x, axis=-1) * np.linalg.norm(y, axis=-1))
+    first = cos[mask].mean()
+    with record_layers() as records:
+        run.family.logits(run.model, jax.tree.map(jnp.asarray, batches[1]))
+    x2, y2 = (np.asarray(jax.tree.leaves(v)[0]) for v in records[0][2:])
+    mask2 = np.asarray(run.family.layer_masks(batches[1])[stacks[0]], bool)
+    cos2 = (x2 * y2).sum(-1) / (np.linalg.norm(x2, axis=-1) * np.linalg.norm(y2, axis=-1))
+    expected = np.concatenate([cos[mask], cos2[mask2]]).mean()
+    assert first != 0
+    np.testing.assert_allclose(per_stack[stacks[0]][0], expected, rtol=1e-5)
+    # The ranks by hand: I = layer score / mean over every layer of every stack (each
+    # layer holds the same number of targets), k = rint((mrr + I (trr - mrr)) d).
+    params = nnx.state(run.model, nnx.Param)
+    ranks = run.method._importance_ranks(run.model, params, lambda: batches)
+    mean = np.mean(np.concatenate([per_stack[s] for s in stacks]))
+    shapes = {p: v.shape for p, v in named_leaves(params).items()}
+    assert len(ranks) == (7 if family == "llama" else 14)
+    for path, k in ranks.items():
+        stack = next(s for s in stacks if path.startswith(s + "/"))
+        d = min(shapes[path][-2:])
+        expected = np.clip(np.rint((0.5 + 0.5 * per_stack[stack] / mean) * d), 0, d)
+        np.testing.assert_array_equal(k, expected, err_msg=path)
+    run.run()  # and a whole run with the rule
