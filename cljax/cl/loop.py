@@ -221,7 +221,7 @@ class Position:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Position:
-        fields = dict(record)
+        fields = {k: v for k, v in record.items() if k != "method"}
         fields["accuracy"] = np.array(
             [[np.nan if v is None else v for v in r] for r in record["accuracy"]], np.float64
         )
@@ -347,6 +347,9 @@ class ContinualRun:
             state["opt"] = opt_state
         return state
 
+    def _record(self, pos: Position) -> dict[str, Any]:
+        return {**pos.record(), "method": self.method.record()}
+
     def _restore(self, ckpt: RunCheckpointer, step: int, opt_like: PyTree | None) -> PyTree:
         restored, _ = ckpt.restore(self._state(opt_like), step)
         nnx.update(self.model, restored["model"])
@@ -383,7 +386,10 @@ class ContinualRun:
                 pos.base = [float(v) for v in self.evaluate_row(len(names))]
             start = 0
         else:
-            pos = Position.from_record(ckpt.read_record(latest))
+            record = ckpt.read_record(latest)
+            pos = Position.from_record(record)
+            if not pos.phase_done:
+                method.restore_record(record.get("method", {}))
             self.log(f"resuming {self.run_dir} at phase {pos.phase}, step {pos.step}")
             for p in range(pos.phase + 1):  # rebuild the structure the arrays were saved in
                 method.prepare(p, self.model, self.rngs)
@@ -408,7 +414,7 @@ class ContinualRun:
                 row[:phase] = np.diag(pos.accuracy)[:phase]
             pos.accuracy[phase] = row
             pos.phase_done = True
-            ckpt.save(pos.global_step, self._state(carried), pos.record())
+            ckpt.save(pos.global_step, self._state(carried), self._record(pos))
             metrics = self._write_outputs(pos)
             if metrics is not None:
                 self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
@@ -539,7 +545,7 @@ class ContinualRun:
                         every = cfg.run.checkpoint_every_steps
                         if every and pos.step % every == 0 and pos.step < total:
                             nnx.update(self.model, params, rest)
-                            ckpt.save(pos.global_step, self._state(opt_state), pos.record())
+                            ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
             finally:
                 progress.close()
                 if writer is not None:

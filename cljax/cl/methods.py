@@ -121,6 +121,14 @@ class Method:
     def prepare(self, t: int, model: nnx.Module, rngs: nnx.Rngs) -> None:
         """Structural changes at the start of task t."""
 
+    # -- resumption ----------------------------------------------------------------
+    def record(self) -> dict[str, Any]:
+        """JSON facts that a resumed run cannot recompute (saved with checkpoints)."""
+        return {}
+
+    def restore_record(self, record: dict[str, Any]) -> None:
+        """Take back what ``record`` saved, before the interrupted task's ``begin_task``."""
+
     # -- per task ----------------------------------------------------------------
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         """Per-task computations from the weights at the start of task t;
@@ -244,6 +252,8 @@ class OSF(Method):
                 " importance"
             )
         self._bases = None
+        self._ranks_used: dict[str, list] = {}
+        self._resumed_ranks: dict[str, np.ndarray] | None = None
         self.targets = tuple(self.hp["targets"] or family.osf_targets)
 
     def _ranks(self, t: int) -> Any:
@@ -260,11 +270,25 @@ class OSF(Method):
         self._bases = None
         if t > 0:
             params = nnx.state(model, nnx.Param)
-            if self.hp["rank_rule"] == "importance":
-                ranks: Any = self._importance_ranks(model, params, calibration)
+            if self._resumed_ranks is not None:
+                # Resuming mid-task: the ranks were computed from the task's starting
+                # weights, which the checkpoint no longer holds.
+                ranks: Any = self._resumed_ranks
+                self._resumed_ranks = None
+            elif self.hp["rank_rule"] == "importance":
+                ranks = self._importance_ranks(model, params, calibration)
+                self._ranks_used = {p: np.asarray(k).tolist() for p, k in ranks.items()}
             else:
                 ranks = self._ranks(t)
             self._bases = osf_bases(params, ranks, targets=self.targets)
+
+    def record(self) -> dict[str, Any]:
+        return {"importance_ranks": self._ranks_used} if self._ranks_used else {}
+
+    def restore_record(self, record: dict[str, Any]) -> None:
+        saved = record.get("importance_ranks")
+        if saved:
+            self._resumed_ranks = {p: np.asarray(k, np.int64) for p, k in saved.items()}
 
     def _importance_ranks(
         self, model: nnx.Module, params: PyTree, calibration: Calibration

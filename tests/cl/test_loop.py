@@ -312,3 +312,33 @@ def test_osf_importance_rule_from_calibration_batches(tmp_path, family):
         expected = np.clip(np.rint((0.5 + 0.5 * per_stack[stack] / mean) * d), 0, d)
         np.testing.assert_array_equal(k, expected, err_msg=path)
     run.run()  # and a whole run with the rule
+
+
+def test_osf_importance_run_resumes_mid_task_with_the_same_result(tmp_path, monkeypatch):
+    from cljax.cl.checkpoint import RunCheckpointer
+
+    common = (
+        "method.options.rank_rule=importance",
+        "method.options.calibration_batches=2",
+        "train.epochs=3",
+        "train.max_steps_per_task=6",
+        "run.checkpoint_every_steps=2",
+    )
+    reference = tiny_config(tmp_path / "ref", "llama", "osf", *common)
+    loop.run_experiment(reference, log=_quiet)
+    interrupted = tiny_config(tmp_path / "int", "llama", "osf", *common)
+    save = RunCheckpointer.save
+
+    def save_then_die(self, step, state, record):
+        save(self, step, state, record)
+        if step == 8:  # mid second task, after its importance ranks were computed
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(RunCheckpointer, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run_experiment(interrupted, log=_quiet)
+    monkeypatch.setattr(RunCheckpointer, "save", save)
+    loop.run_experiment(interrupted, log=_quiet)
+    ref = json.loads((tmp_path / "ref" / reference.run.name / "accuracy.json").read_text())
+    got = json.loads((tmp_path / "int" / interrupted.run.name / "accuracy.json").read_text())
+    assert got["accuracy"] == ref["accuracy"]
