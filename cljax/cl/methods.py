@@ -246,6 +246,10 @@ class OSF(Method):
 
     def __init__(self, options, family, *, weight_decay, seed):
         super().__init__(options, family, weight_decay=weight_decay, seed=seed)
+        if self.hp["untargeted"] not in ("train", "freeze"):
+            raise ValueError(
+                f"osf option untargeted={self.hp['untargeted']!r}; valid: train, freeze"
+            )
         if self.hp["rank_rule"] not in ("fraction", "schedule", "importance"):
             raise ValueError(
                 f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule,"
@@ -313,6 +317,16 @@ class OSF(Method):
 
     def transform_key(self, t):
         return "adamw" if t == 0 else None  # later tasks: per-task bases
+
+    def trainable(self):
+        if self.hp["untargeted"] == "train":
+            return nnx.Param
+        # Frozen untargeted parameters get no gradient at all (not a zeroed one).
+        patterns = self.targets
+        return lambda path, value: (
+            isinstance(value, nnx.Param)
+            and any(re.search(p, "/".join(map(str, path))) for p in patterns)
+        )
 
     def optimizer(self, t, params, learning_rate):
         if self._bases is None:  # task 1: k = 0, plain AdamW

@@ -342,3 +342,17 @@ def test_osf_importance_run_resumes_mid_task_with_the_same_result(tmp_path, monk
     ref = json.loads((tmp_path / "ref" / reference.run.name / "accuracy.json").read_text())
     got = json.loads((tmp_path / "int" / interrupted.run.name / "accuracy.json").read_text())
     assert got["accuracy"] == ref["accuracy"]
+
+
+def test_osf_freeze_trains_only_the_targets(tmp_path):
+    cfg = tiny_config(tmp_path, "llama", "osf", "method.options.untargeted=freeze")
+    run = loop.ContinualRun(cfg, log=_quiet)
+    before = {k: np.asarray(v) for k, v in named_leaves(nnx.state(run.model, nnx.Param)).items()}
+    run.run()
+    after = named_leaves(nnx.state(run.model, nnx.Param))
+    changed = {k for k, v in after.items() if not np.array_equal(np.asarray(v), before[k])}
+    assert changed == {k for k in before if k.endswith("_proj/kernel")}
+    with pytest.raises(ValueError, match="untargeted='frz'"):
+        loop.ContinualRun(
+            tiny_config(tmp_path, "llama", "osf", "method.options.untargeted=frz"), log=_quiet
+        )
