@@ -263,6 +263,20 @@ PRESETS: dict[str, LlamaConfig] = {
         eos_token_id=2,
         pad_token_id=0,
     ),
+    # The benchmarks' CPU model: width 256, 4 layers, 4 heads of 64, SwiGLU 688 (8/3 x).
+    "small": LlamaConfig(
+        vocab_size=32000,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
     "llama-2-7b": LlamaConfig(
         vocab_size=32000,
         hidden_size=4096,
