@@ -37,7 +37,7 @@ from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.models import lora
-from cljax.optim.regularizers import fisher_diagonal
+from cljax.optim.regularizers import fisher_diagonal, stack_batches
 
 PyTree = Any
 
@@ -558,13 +558,15 @@ class ContinualRun:
         if phase == 0 or self.method.joint:
             return []
         n = int(self.method.hp.get("calibration_batches", 8))
-        batches = batching.train_batches(
-            self.data.train[phase - 1],
-            self.data.tokenizer,
-            self.batch_config,
-            epoch=0,
-            seed=self.cfg.data.seed + 11 * phase,
+        return self._first_batches(
+            self.data.train[phase - 1], self.batch_config, self.cfg.data.seed + 11 * phase, n
         )
+
+    def _first_batches(
+        self, split: EncodedSplit, config: BatchConfig, seed: int, n: int
+    ) -> list[Batch]:
+        """The first ``n`` batches of a seeded shuffle of ``split``."""
+        batches = batching.train_batches(split, self.data.tokenizer, config, epoch=0, seed=seed)
         return [b for _, b in zip(range(n), batches, strict=False)]
 
     def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
@@ -579,14 +581,8 @@ class ContinualRun:
             buckets=(int(lengths.max()),),
             target_buckets=(self.cfg.data.max_target_length,),
         )
-        batches = []
-        for batch in batching.train_batches(
-            split, self.data.tokenizer, config, epoch=0, seed=self.cfg.data.seed + 7 * phase
-        ):
-            batches.append(batch)
-            if len(batches) == n:
-                break
-        stacked = jax.tree.map(lambda *xs: jnp.asarray(np.stack(xs)), *batches)
+        batches = self._first_batches(split, config, self.cfg.data.seed + 7 * phase, n)
+        stacked = stack_batches(batches)
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         family = self.family
 

@@ -72,13 +72,20 @@ def average_accuracy(acc: np.ndarray, test_sizes: Sequence[int] | None = None) -
     return float((final * sizes).sum() / sizes.sum())
 
 
-def backward_transfer(acc: np.ndarray) -> float | None:
+def _with_earlier_tasks(acc: np.ndarray) -> tuple[np.ndarray, int] | None:
+    """``(checked matrix, index of the last task)`` when the run is a sequence of >= 2
+    tasks (BWT and forgetting are defined), else None."""
     acc = _check_matrix(acc)
-    if not is_sequence(acc):
+    if not is_sequence(acc) or acc.shape[0] == 1:
         return None
-    last = acc.shape[0] - 1
-    if last == 0:
+    return acc, acc.shape[0] - 1
+
+
+def backward_transfer(acc: np.ndarray) -> float | None:
+    checked = _with_earlier_tasks(acc)
+    if checked is None:
         return None
+    acc, last = checked
     return float(np.mean([acc[last, i] - acc[i, i] for i in range(last)]))
 
 
@@ -100,12 +107,10 @@ def forward_transfer(acc: np.ndarray, base: Sequence[float]) -> float | None:
 
 
 def forgetting(acc: np.ndarray) -> float | None:
-    acc = _check_matrix(acc)
-    if not is_sequence(acc):
+    checked = _with_earlier_tasks(acc)
+    if checked is None:
         return None
-    last = acc.shape[0] - 1
-    if last == 0:
-        return None
+    acc, last = checked
     return float(np.mean([acc[i:last, i].max() - acc[last, i] for i in range(last)]))
 
 
