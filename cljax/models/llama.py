@@ -7,7 +7,8 @@
   and ``llama3``.
 * Blocks are stacked along a leading ``layers`` axis and run with one ``lax.scan``
   (``layers.scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
-  batched call on a ``(L, d_in, d_out)`` kernel.
+  batched call on a ``(L, d_in, d_out)`` kernel. ``scan_unroll`` sets how many layers
+  one loop iteration runs (the layer count: no loop, faster for shallow models).
 * Logical axis names on every parameter: ``embed``, ``heads`` (q heads x head_dim),
   ``kv`` (kv heads x head_dim), ``mlp``, ``vocab``, ``layers``.
 * dtype policy: params / matmuls in ``policy`` dtypes; norms, rotary and softmax in
@@ -37,6 +38,7 @@ from cljax.models.layers import (
     Embed,
     Linear,
     RMSNorm,
+    check_scan_unroll,
     masked_softmax,
     preset_config,
     scan_layers,
@@ -80,7 +82,11 @@ def _validate_rope_scaling(rope_scaling: Mapping[str, Any] | None) -> dict[str, 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Model shape and numerics, with Hugging Face ``LlamaConfig`` field names."""
+    """Model shape and numerics, with Hugging Face ``LlamaConfig`` field names, plus
+    two cljax fields that no ``config.json`` holds: ``policy`` (dtypes) and
+    ``scan_unroll`` (layers per ``lax.scan`` iteration: 1 compiles one block whatever
+    the depth; ``num_hidden_layers`` unrolls the stack, which trains shallow models
+    faster on CPU, ``bench/optim.py``, at a longer compile)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -98,10 +104,13 @@ class LlamaConfig:
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
     policy: DTypePolicy = DTypePolicy()
+    scan_unroll: int = 1
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
+
+        check_scan_unroll("LlamaConfig", self.scan_unroll)
 
         if self.num_key_value_heads is None:
             fix("num_key_value_heads", self.num_attention_heads)
@@ -243,7 +252,7 @@ _IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "is_encoder_decoder",
 }
 _KNOWN_HF_FIELDS = (
-    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy"}
+    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy", "scan_unroll"}
     | set(_FIXED_HF_FIELDS)
     | _IGNORED_HF_FIELDS
     | {"rope_parameters"}
@@ -523,7 +532,9 @@ class Llama(nnx.Module):
             return layer(x, rope, mask, cache, layer_index, cache_index), None
 
         layer_indices = jnp.arange(self.cfg.num_hidden_layers)
-        (x, cache), _ = scan_layers(self.layers, body, (x, cache), layer_indices)
+        (x, cache), _ = scan_layers(
+            self.layers, body, (x, cache), layer_indices, unroll=self.cfg.scan_unroll
+        )
         return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:

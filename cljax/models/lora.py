@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cljax.models.layers import Linear, logical_axes
+from cljax.models.layers import Linear, flat_matmul, logical_axes
 
 
 class LoRAParam(nnx.Param):
@@ -126,7 +126,7 @@ class LoRALinear(nnx.Module):
             keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
             h = jnp.where(keep, h / (1.0 - self.dropout), 0).astype(compute)
         a, b = self.factors()
-        delta = jnp.matmul(jnp.matmul(h, a.astype(compute)), b.astype(compute))
+        delta = flat_matmul(flat_matmul(h, a.astype(compute)), b.astype(compute))
         return y + (self.scaling * delta).astype(y.dtype)
 
     def delta_kernel(self) -> jax.Array:

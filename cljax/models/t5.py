@@ -49,6 +49,7 @@ from cljax.models.layers import (
     Embed,
     Linear,
     RMSNorm,
+    check_scan_unroll,
     masked_softmax,
     normal_init,
     param,
@@ -69,6 +70,8 @@ class T5Config:
     ``tie_word_embeddings``: logits from the shared embedding (no ``lm_head``).
     ``scale_decoder_outputs``: multiply the decoder output by ``d_model ** -0.5`` before
     the output layer (T5 v1.0). v1.0 has both True, v1.1 / Flan-T5 both False.
+    ``policy`` (dtypes) and ``scan_unroll`` (layers per ``lax.scan`` iteration, see
+    ``LlamaConfig``) are cljax fields that no ``config.json`` holds.
     """
 
     vocab_size: int = 32128
@@ -89,8 +92,10 @@ class T5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     policy: DTypePolicy = DTypePolicy()
+    scan_unroll: int = 1
 
     def __post_init__(self):
+        check_scan_unroll("T5Config", self.scan_unroll)
         for name in (
             "vocab_size",
             "d_model",
@@ -267,7 +272,7 @@ _IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "gradient_checkpointing",
 }
 _KNOWN_HF_FIELDS = (
-    {f.name for f in dataclasses.fields(T5Config)} - {"policy"}
+    {f.name for f in dataclasses.fields(T5Config)} - {"policy", "scan_unroll"}
     | {"dense_act_fn", "is_gated_act"}
     | set(_FIXED_HF_FIELDS)
     | _IGNORED_HF_FIELDS
@@ -653,7 +658,7 @@ class T5(nnx.Module):
         embed_key, layers_key, final_key = _split_keys(dropout_key, 3)
         layer_keys = None if layers_key is None else jax.random.split(layers_key, stack.num_layers)
         x = dropout(self.shared(input_ids), self.cfg.dropout_rate, embed_key)
-        x, ys = scan_layers(stack.layers, body, x, layer_keys)
+        x, ys = scan_layers(stack.layers, body, x, layer_keys, unroll=self.cfg.scan_unroll)
         x = stack.final_norm(x).astype(self.cfg.policy.compute)
         return dropout(x, self.cfg.dropout_rate, final_key), ys
 
@@ -743,7 +748,9 @@ class T5(nnx.Module):
         def body(layer: T5Block, carry, _):
             return carry, layer.cross_attn.key_value(encoder_out)
 
-        _, (cross_k, cross_v) = scan_layers(self.decoder.layers, body, None)
+        _, (cross_k, cross_v) = scan_layers(
+            self.decoder.layers, body, None, unroll=self.cfg.scan_unroll
+        )
         cfg = self.cfg
         shape = (cfg.num_decoder_layers, batch, cfg.num_heads, max_length, cfg.d_kv)
         zeros = jnp.zeros(shape, cross_k.dtype)
@@ -796,6 +803,7 @@ class T5(nnx.Module):
             body,
             self.shared(token_ids),
             (cache.self_k, cache.self_v, cache.cross_k, cache.cross_v),
+            unroll=self.cfg.scan_unroll,
         )
         new_cache = cache._replace(self_k=self_k, self_v=self_v, index=index + length)
         hidden = self.decoder.final_norm(x).astype(self.cfg.policy.compute)

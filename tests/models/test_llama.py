@@ -256,11 +256,43 @@ def test_from_hf_dict_rejects_unsupported_fields():
         ({"sliding_window": 512}, r"unsupported config field\(s\) \['sliding_window'\]"),
         ({"hidden_size": "32"}, r"hidden_size must be a positive int"),
         ({"num_key_value_heads": 3}, r"not a multiple of num_key_value_heads 3"),
+        # cljax's own fields never come from a config.json
+        ({"scan_unroll": 2}, r"unsupported config field\(s\) \['scan_unroll'\]"),
     ]
     for change, message in cases:
         bad = {k: v for k, v in legacy.items() if k not in change}
         with pytest.raises(ValueError, match=message):
             LlamaConfig.from_hf_dict(bad | change)
+
+
+def test_unrolled_layers_match_the_scan(loaded_variant, forward):
+    """``scan_unroll=L`` compiles the stack without a loop and gives the logits and the
+    gradients of the scanned model (and so of transformers)."""
+    name, hf, model, cfg = loaded_variant
+    unrolled = Llama(dataclasses.replace(cfg, scan_unroll=cfg.num_hidden_layers), rngs=nnx.Rngs(1))
+    nnx.update(unrolled, nnx.state(model))
+    ids, mask = padded_batch(cfg.vocab_size)
+    ids, mask = jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32)
+    valid = np.asarray(mask).astype(bool)
+    ours = np.asarray(forward(unrolled, ids, mask))
+    assert np.abs(ours[valid] - hf_logits(hf, *map(np.asarray, (ids, mask)))[valid]).max() <= 1e-4
+    np.testing.assert_allclose(ours, np.asarray(forward(model, ids, mask)), atol=1e-5, rtol=0)
+
+    def loss_and_grads(m):
+        graphdef, params = nnx.split(m)
+        loss = lambda p: causal_lm_loss(nnx.merge(graphdef, p)(ids, mask), ids, mask)
+        return jax.jit(jax.value_and_grad(loss)), params
+
+    step, params = loss_and_grads(unrolled)
+    scan_step, scan_params = loss_and_grads(model)
+    assert "while" not in step.lower(params).as_text()
+    assert "while" in scan_step.lower(scan_params).as_text()
+    (loss, grads), (scan_loss, scan_grads) = step(params), scan_step(scan_params)
+    np.testing.assert_allclose(float(loss), float(scan_loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * np.abs(b).max())
+    with pytest.raises(ValueError, match="LlamaConfig.scan_unroll must be a positive int, got 0"):
+        dataclasses.replace(cfg, scan_unroll=0)
 
 
 def test_causal_lm_loss_scores_only_answer_tokens():

@@ -24,6 +24,7 @@ from transformers import T5ForConditionalGeneration
 from transformers.models.t5.modeling_t5 import T5Attention as HFT5Attention
 
 from cljax.models.convert import load_hf_checkpoint
+from cljax.models.generate import generate_t5
 from cljax.models.layers import DTypePolicy, logical_axes
 from cljax.models.t5 import (
     T5,
@@ -143,6 +144,25 @@ def test_encoder_and_logits_match_transformers(t5_checkpoints):
     ref_logits = out.logits.numpy()
     assert np.abs(ref_logits).max() > 1.0  # a meaningful scale for the tolerance
     np.testing.assert_allclose(np.asarray(logits)[real_dec], ref_logits[real_dec], atol=TOL, rtol=0)
+
+
+def test_unrolled_layers_match_the_scan(t5_checkpoints):
+    """``scan_unroll`` (here through ``load_hf_checkpoint``'s config overrides) runs the
+    encoder and decoder stacks without a loop, with the scanned model's outputs; greedy
+    decoding through the cached ``decode_step`` gives the same tokens."""
+    _, directory, model, cfg = t5_checkpoints
+    unrolled, unrolled_cfg = load_hf_checkpoint(directory, scan_unroll=3)
+    assert unrolled_cfg.scan_unroll == 3 and cfg.scan_unroll == 1
+    batch = tuple(map(jnp.asarray, padded_batch()))
+    assert "while" not in _forward.lower(unrolled, *batch).as_text()
+    for ours, scanned in zip(_forward(unrolled, *batch), _forward(model, *batch), strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(scanned), atol=1e-5, rtol=0)
+    sources = [[5, 9, 3, 1], [7, 1]]
+    np.testing.assert_array_equal(
+        generate_t5(unrolled, sources, 6).tokens, generate_t5(model, sources, 6).tokens
+    )
+    with pytest.raises(ValueError, match="T5Config.scan_unroll must be a positive int"):
+        T5Config.preset("t5-small", scan_unroll=True)
 
 
 def _right_padded(rows: list[list[int]], length: int, pad: int) -> np.ndarray:
