@@ -35,7 +35,7 @@ from cljax.data.batching import (
     train_batches,
 )
 from cljax.data.sources import SourceConfig, load_task
-from cljax.models.llama import Llama, LlamaConfig, causal_lm_loss
+from cljax.models.llama import Llama, LlamaConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BATCH, SEQ = 8, 128
@@ -100,9 +100,9 @@ def step_seconds(vocab: int, batches: list, steps: int, rounds: int) -> float:
     graphdef, params = nnx.split(Llama(cfg, rngs=nnx.Rngs(0)), nnx.Param)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-4, weight_decay=0.0))
 
-    def loss_fn(p, b):
-        logits = nnx.merge(graphdef, p)(b["input_ids"], attention_mask=b["attention_mask"])
-        return causal_lm_loss(logits, b["labels"], b["loss_mask"])
+    def loss_fn(p, b):  # the loop's training loss
+        model = nnx.merge(graphdef, p)
+        return model.loss(b["input_ids"], b["attention_mask"], b["labels"], b["loss_mask"])
 
     def step(p, s, b):
         loss, grads = jax.value_and_grad(loss_fn)(p, b)

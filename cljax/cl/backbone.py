@@ -23,7 +23,7 @@ from cljax.config import ModelConfig
 from cljax.data.batching import Batch, TextTokenizer
 from cljax.models.layers import DTypePolicy
 from cljax.models.llama import Llama, LlamaConfig
-from cljax.models.losses import masked_mean_nll, token_logprobs
+from cljax.models.losses import token_logprobs
 from cljax.models.t5 import T5, T5Config
 
 
@@ -38,6 +38,8 @@ class Family:
         NNX module.
       token_fields: the config fields a tokenizer fixes (vocabulary, special ids).
       logits: ``(model, batch) -> (B, T, V)`` float32 logits at the loss positions.
+      train_loss: ``(model, batch) ->`` mean token NLL of the answers, the model's own
+        ``loss`` (the same value as from ``logits``, without materialising them).
       layer_masks: ``batch -> {layer stack path: (B, T) mask of its real tokens}``.
       generate: ``(model, prompts, max_new_tokens, tokenizer) -> list of token lists``;
         prompts are the batch builders' prompt ids (no specials).
@@ -52,6 +54,7 @@ class Family:
     model_class: Any
     token_fields: Callable[[TextTokenizer], dict[str, Any]]
     logits: Callable[[nnx.Module, Batch], jax.Array]
+    train_loss: Callable[[nnx.Module, Batch], jax.Array]
     layer_masks: Callable[[Batch], dict[str, Any]]
     generate: Callable[[nnx.Module, Sequence[np.ndarray], int, TextTokenizer], list[list[int]]]
     osf_targets: tuple[str, ...]
@@ -77,7 +80,7 @@ class Family:
 
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """Mean token NLL of the answers (float32 scalar)."""
-        return masked_mean_nll(self.logits(model, batch), batch.labels, batch.loss_mask)
+        return self.train_loss(model, batch)
 
     def answer_logprob(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """(B,) summed log-likelihood of each row's answer tokens (and eos)."""
@@ -108,6 +111,10 @@ def _llama_logits(model: nnx.Module, batch: Batch) -> jax.Array:
     return model(batch.input_ids, attention_mask=batch.attention_mask)
 
 
+def _llama_loss(model: nnx.Module, batch: Batch) -> jax.Array:
+    return model.loss(batch.input_ids, batch.attention_mask, batch.labels, batch.loss_mask)
+
+
 def _llama_generate(model, prompts, max_new_tokens, tokenizer):
     from cljax.models.generate import generate_llama
 
@@ -134,6 +141,7 @@ LLAMA = Family(
         "pad_token_id": tok.pad_id,
     },
     logits=_llama_logits,
+    train_loss=_llama_loss,
     layer_masks=lambda batch: {"layers": batch.attention_mask},
     generate=_llama_generate,
     osf_targets=(r"layers/(attn/[qkvo]_proj|mlp/(gate|up|down)_proj)/(base/)?kernel$",),
@@ -151,6 +159,17 @@ def _t5_logits(model: nnx.Module, batch: Batch) -> jax.Array:
         batch.attention_mask,
         batch.decoder_input_ids,
         batch.decoder_attention_mask,
+    )
+
+
+def _t5_loss(model: nnx.Module, batch: Batch) -> jax.Array:
+    return model.loss(
+        batch.input_ids,
+        batch.attention_mask,
+        batch.decoder_input_ids,
+        batch.decoder_attention_mask,
+        batch.labels,
+        batch.loss_mask,
     )
 
 
@@ -179,6 +198,7 @@ T5_FAMILY = Family(
         "decoder_start_token_id": tok.pad_id,
     },
     logits=_t5_logits,
+    train_loss=_t5_loss,
     layer_masks=lambda batch: {
         "encoder/layers": batch.attention_mask,
         "decoder/layers": batch.decoder_attention_mask,

@@ -43,7 +43,7 @@ from cljax.models.layers import (
     preset_config,
     scan_layers,
 )
-from cljax.models.losses import masked_mean_nll
+from cljax.models.losses import linear_nll, masked_mean_nll
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -498,11 +498,41 @@ class Llama(nnx.Module):
         """input_ids (B, T) int; attention_mask (B, T) {0,1} (None: all ones) ->
         logits (B, T, V) float32. Positions count the unmasked tokens, so left and
         right padding both give the unpadded result at the unmasked positions."""
+        return self.logits(self._final_hidden(input_ids, attention_mask))
+
+    def loss(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        labels: jax.Array,
+        loss_mask: jax.Array,
+    ) -> jax.Array:
+        """The training loss, ``causal_lm_loss(self(input_ids, attention_mask), labels,
+        loss_mask)`` (shapes there), computed by ``losses.linear_nll`` without the
+        (B, T, V) logits when the output layer is one matrix."""
+        hidden = self._final_hidden(input_ids, attention_mask)
+        kernel = self.output_kernel()
+        if kernel is None:
+            return causal_lm_loss(self.logits(hidden), labels, loss_mask)
+        return linear_nll(hidden.astype(kernel.dtype), kernel, labels, loss_mask)
+
+    def output_kernel(self) -> jax.Array | None:
+        """The (D, V) compute-dtype matrix with ``logits = hidden @ it``; None when the
+        output layer is no longer one matrix (e.g. wrapped by LoRA)."""
+        compute = self.cfg.policy.compute
+        if self.lm_head is None:
+            return self.embed.embedding[...].astype(compute).T
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return self.lm_head.kernel[...].astype(compute)
+        return None
+
+    def _final_hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        """(B, T) ids and {0,1} mask (None: all ones) -> final-normed (B, T, D) float32."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         positions = positions_from_mask(attention_mask)
         hidden, _ = self.hidden_states(input_ids, positions, attention_mask.astype(bool))
-        return self.logits(hidden)
+        return hidden
 
     def hidden_states(
         self,

@@ -56,7 +56,7 @@ from cljax.models.layers import (
     preset_config,
     scan_layers,
 )
-from cljax.models.losses import masked_mean_nll
+from cljax.models.losses import linear_nll, masked_mean_nll
 
 # feed_forward_proj -> (activation, gated). HF maps "gated-gelu" to gelu_new, the tanh
 # approximation (configuration_t5.py), and "relu" to ReLU.
@@ -666,13 +666,26 @@ class T5(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Output layer on the final-normed decoder output: (..., D) -> float32 (..., V)."""
-        x = hidden
-        if self.cfg.scale_decoder_outputs:
-            x = x * self.cfg.d_model**-0.5
-        x = x.astype(self.cfg.policy.compute)
+        x = self._head_input(hidden)
         if self.lm_head is None:
             return self.shared.attend(x).astype(jnp.float32)
         return self.lm_head(x).astype(jnp.float32)
+
+    def output_kernel(self) -> jax.Array | None:
+        """The (D, V) compute-dtype matrix with ``logits = _head_input(hidden) @ it``;
+        None when the output layer is no longer one matrix (e.g. wrapped by LoRA)."""
+        compute = self.cfg.policy.compute
+        if self.lm_head is None:
+            return self.shared.embedding[...].astype(compute).T
+        if type(self.lm_head) is Linear and self.lm_head.bias is None:
+            return self.lm_head.kernel[...].astype(compute)
+        return None
+
+    def _head_input(self, hidden: jax.Array) -> jax.Array:
+        """The decoder output as the output layer takes it: rescaled (v1.0), compute dtype."""
+        if self.cfg.scale_decoder_outputs:
+            hidden = hidden * self.cfg.d_model**-0.5
+        return hidden.astype(self.cfg.policy.compute)
 
     def decode(
         self,
@@ -683,11 +696,32 @@ class T5(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Teacher-forced decoder pass.
+        """Teacher-forced decoder pass: float32 logits (B, T, V) of
+        :meth:`decoder_hidden` (same arguments)."""
+        hidden = self.decoder_hidden(
+            decoder_input_ids,
+            encoder_out,
+            encoder_mask,
+            decoder_attention_mask,
+            dropout_key=dropout_key,
+        )
+        return self.logits(hidden)
+
+    def decoder_hidden(
+        self,
+        decoder_input_ids: jax.Array,
+        encoder_out: jax.Array,
+        encoder_mask: jax.Array | None = None,
+        decoder_attention_mask: jax.Array | None = None,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """Teacher-forced decoder stack, up to the output layer.
 
         decoder_input_ids: (B, T) int; encoder_out: (B, S, D); encoder_mask: (B, S) 1/0
         (None: no padding); decoder_attention_mask: (B, T) 1/0 (None: no padding);
-        dropout_key: training dropout (None: none). Returns float32 logits (B, T, V).
+        dropout_key: training dropout (None: none). Returns the final-normed decoder
+        output (B, T, D) in the compute dtype.
         """
         batch, length = decoder_input_ids.shape
         if encoder_mask is None:
@@ -708,7 +742,7 @@ class T5(nnx.Module):
             return layer.feed_forward(x, ff_key), None
 
         x, _ = self._run_stack(self.decoder, body, decoder_input_ids, dropout_key)
-        return self.logits(x)
+        return x
 
     def __call__(
         self,
@@ -730,6 +764,34 @@ class T5(nnx.Module):
             decoder_attention_mask,
             dropout_key=decoder_key,
         )
+
+    def loss(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None,
+        decoder_input_ids: jax.Array,
+        decoder_attention_mask: jax.Array | None,
+        labels: jax.Array,
+        loss_mask: jax.Array,
+        *,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """The training loss, ``seq2seq_loss(self(...), labels, loss_mask)`` with the
+        arguments of ``__call__`` (shapes there), computed by ``losses.linear_nll``
+        without the (B, T, V) logits when the output layer is one matrix."""
+        encoder_key, decoder_key = _split_keys(dropout_key, 2)
+        encoder_out = self.encode(input_ids, attention_mask, dropout_key=encoder_key)
+        hidden = self.decoder_hidden(
+            decoder_input_ids,
+            encoder_out,
+            attention_mask,
+            decoder_attention_mask,
+            dropout_key=decoder_key,
+        )
+        kernel = self.output_kernel()
+        if kernel is None:
+            return seq2seq_loss(self.logits(hidden), labels, loss_mask)
+        return linear_nll(self._head_input(hidden), kernel, labels, loss_mask)
 
     # ------------------------------------------------------------------ incremental decoding
 

@@ -23,6 +23,8 @@ from cljax.models.llama import (
     causal_lm_loss,
     positions_from_mask,
 )
+from cljax.models.lora import LoRAParam, apply_lora
+from tests.models.trees import assert_trees_close
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -289,10 +291,40 @@ def test_unrolled_layers_match_the_scan(loaded_variant, forward):
     assert "while" in scan_step.lower(scan_params).as_text()
     (loss, grads), (scan_loss, scan_grads) = step(params), scan_step(scan_params)
     np.testing.assert_allclose(float(loss), float(scan_loss), rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(scan_grads), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6 * np.abs(b).max())
+    assert_trees_close(grads, scan_grads)
     with pytest.raises(ValueError, match="LlamaConfig.scan_unroll must be a positive int, got 0"):
         dataclasses.replace(cfg, scan_unroll=0)
+
+
+def test_training_loss_matches_the_loss_of_the_logits(loaded_variant):
+    """``Llama.loss`` (chunked, no (B, T, V) logits) has the value and the gradients of
+    ``causal_lm_loss`` on the logits; a LoRA-wrapped output layer (no longer one
+    matrix) goes through the logits and agrees too."""
+    name, _, model, cfg = loaded_variant
+    ids, mask = map(jnp.asarray, padded_batch(cfg.vocab_size))
+    labels = jnp.roll(ids, -1, axis=1)
+    loss_mask = mask.at[:, -1].set(0)
+
+    def check(m: Llama) -> None:
+        graphdef, params = nnx.split(m)
+        train = lambda p: nnx.merge(graphdef, p).loss(ids, mask, labels, loss_mask)
+        via_logits = lambda p: causal_lm_loss(nnx.merge(graphdef, p)(ids, mask), labels, loss_mask)
+        loss, grads = jax.jit(jax.value_and_grad(train))(params)
+        expected, expected_grads = jax.jit(jax.value_and_grad(via_logits))(params)
+        np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+        assert_trees_close(grads, expected_grads)
+
+    assert model.output_kernel().shape == (cfg.hidden_size, cfg.vocab_size)
+    check(model)
+    if cfg.tie_word_embeddings:
+        return
+    wrapped = Llama(cfg, rngs=nnx.Rngs(1))
+    nnx.update(wrapped, nnx.state(model))
+    apply_lora(wrapped, r"^lm_head$", rank=2, alpha=4.0, rngs=nnx.Rngs(2))
+    factors = nnx.state(wrapped, LoRAParam)
+    nnx.update(wrapped, jax.tree.map(lambda x: jnp.full_like(x, 0.05), factors))
+    assert wrapped.output_kernel() is None
+    check(wrapped)
 
 
 def test_causal_lm_loss_scores_only_answer_tokens():

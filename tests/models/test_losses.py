@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cljax.models.losses import masked_mean_nll, token_logprobs
+from cljax.models.losses import linear_nll, masked_mean_nll, token_logprobs
+from tests.models.trees import assert_trees_close
 
 
 def reference_logprobs(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -62,3 +63,39 @@ def test_masked_mean_nll_value_and_gradient():
         jnp.asarray(logits), jnp.asarray(labels), jnp.zeros((2, 6), jnp.int32)
     )
     assert float(zero_loss) == 0.0 and not np.asarray(zero_grad).any()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 7, 64])  # 7 divides 3 x 7 positions, 5 does not
+def test_linear_nll_equals_the_loss_of_the_logits(chunk_size):
+    """Value and gradients (hidden and kernel) of the chunked loss equal those of
+    ``masked_mean_nll(hidden @ kernel)``, padding of the last chunk included."""
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.standard_normal((3, 7, 16)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((16, 29)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 29, (3, 7)))
+    mask = jnp.asarray(rng.random((3, 7)) < 0.6, jnp.int32)
+    chunked = lambda h, k: linear_nll(h, k, labels, mask, chunk_size=chunk_size)
+    full = lambda h, k: masked_mean_nll(h @ k, labels, mask)
+    loss, grads = jax.value_and_grad(chunked, argnums=(0, 1))(hidden, kernel)
+    expected, expected_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, kernel)
+    np.testing.assert_allclose(float(loss), float(expected), rtol=1e-6)
+    np.testing.assert_allclose(float(chunked(hidden, kernel)), float(expected), rtol=1e-6)
+    assert_trees_close(grads, expected_grads, rel=1e-5)
+    # A frozen kernel (no gradient asked for it) gives the same hidden gradient.
+    hidden_only = jax.grad(lambda h: chunked(h, kernel))(hidden)
+    assert_trees_close(hidden_only, expected_grads[0], rel=1e-5)
+
+
+def test_linear_nll_keeps_input_dtypes_and_rejects_bad_chunks():
+    rng = np.random.default_rng(4)
+    hidden = jnp.asarray(rng.standard_normal((2, 4, 8)), jnp.bfloat16)
+    kernel = jnp.asarray(rng.standard_normal((8, 11)), jnp.bfloat16)
+    labels, mask = jnp.asarray(rng.integers(0, 11, (2, 4))), jnp.ones((2, 4), jnp.int32)
+    loss, (dh, dk) = jax.value_and_grad(
+        lambda h, k: linear_nll(h, k, labels, mask, chunk_size=3), argnums=(0, 1)
+    )(hidden, kernel)
+    assert loss.dtype == jnp.float32 and dh.dtype == dk.dtype == jnp.bfloat16
+    logits = jnp.matmul(hidden, kernel, preferred_element_type=jnp.float32)
+    np.testing.assert_allclose(float(loss), float(masked_mean_nll(logits, labels, mask)), rtol=1e-5)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        linear_nll(hidden, kernel, labels, mask, chunk_size=0)

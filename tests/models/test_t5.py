@@ -33,6 +33,7 @@ from cljax.models.t5 import (
     relative_position_buckets,
     seq2seq_loss,
 )
+from tests.models.trees import assert_trees_close
 
 # The reference models are tiny: torch's thread pool only adds contention on a shared
 # 2-core machine (measured: greedy generate 0.07 s with one thread, seconds with two).
@@ -206,6 +207,20 @@ def test_seq2seq_loss_matches_transformers(t5_checkpoints):
     )
     loss = seq2seq_loss(logits, jnp.asarray(labels), jnp.asarray(loss_mask))
     assert float(loss) == pytest.approx(ref, abs=TOL)
+
+    # The training loss (no logits materialised) has the same value and gradients.
+    args = tuple(map(jnp.asarray, (input_ids, attention_mask, decoder_input_ids)))
+    args += (jnp.ones((3, 10), jnp.int32), jnp.asarray(labels), jnp.asarray(loss_mask))
+    graphdef, params = nnx.split(model)
+
+    def via_logits(p):
+        return seq2seq_loss(nnx.merge(graphdef, p)(*args[:4]), *args[4:])
+
+    train, grads = jax.jit(jax.value_and_grad(lambda p: nnx.merge(graphdef, p).loss(*args)))(params)
+    expected, expected_grads = jax.jit(jax.value_and_grad(via_logits))(params)
+    assert float(train) == pytest.approx(ref, abs=TOL)
+    np.testing.assert_allclose(float(train), float(expected), rtol=1e-6)
+    assert_trees_close(grads, expected_grads)
 
 
 @pytest.mark.parametrize("bidirectional", [True, False])
