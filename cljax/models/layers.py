@@ -184,6 +184,17 @@ class Embed(nnx.Module):
         return jnp.matmul(x.astype(compute), self.embedding[...].astype(compute).T)
 
 
+def output_kernel(head: nnx.Module | None, embed: Embed, compute: Any) -> jax.Array | None:
+    """The (D, V) ``compute``-dtype matrix of an output layer: ``head``'s kernel, or the
+    transposed table of ``embed`` when tied (``head`` None); None when ``head`` is no
+    longer one matrix (e.g. wrapped by LoRA), so callers fall back to calling it."""
+    if head is None:
+        return embed.embedding[...].astype(compute).T
+    if type(head) is Linear and head.bias is None:
+        return head.kernel[...].astype(compute)
+    return None
+
+
 # (stacked module, layer index, carry before, carry after) of every layer run while
 # ``record_layers`` is active; None otherwise.
 _LAYER_RECORD: contextvars.ContextVar[list[tuple[nnx.Module, int, Any, Any]] | None] = (

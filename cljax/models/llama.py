@@ -40,6 +40,7 @@ from cljax.models.layers import (
     RMSNorm,
     check_scan_unroll,
     masked_softmax,
+    output_kernel,
     preset_config,
     scan_layers,
 )
@@ -519,12 +520,7 @@ class Llama(nnx.Module):
     def output_kernel(self) -> jax.Array | None:
         """The (D, V) compute-dtype matrix with ``logits = hidden @ it``; None when the
         output layer is no longer one matrix (e.g. wrapped by LoRA)."""
-        compute = self.cfg.policy.compute
-        if self.lm_head is None:
-            return self.embed.embedding[...].astype(compute).T
-        if type(self.lm_head) is Linear and self.lm_head.bias is None:
-            return self.lm_head.kernel[...].astype(compute)
-        return None
+        return output_kernel(self.lm_head, self.embed, self.cfg.policy.compute)
 
     def _final_hidden(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
         """(B, T) ids and {0,1} mask (None: all ones) -> final-normed (B, T, D) float32."""

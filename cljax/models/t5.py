@@ -52,6 +52,7 @@ from cljax.models.layers import (
     check_scan_unroll,
     masked_softmax,
     normal_init,
+    output_kernel,
     param,
     preset_config,
     scan_layers,
@@ -674,12 +675,7 @@ class T5(nnx.Module):
     def output_kernel(self) -> jax.Array | None:
         """The (D, V) compute-dtype matrix with ``logits = _head_input(hidden) @ it``;
         None when the output layer is no longer one matrix (e.g. wrapped by LoRA)."""
-        compute = self.cfg.policy.compute
-        if self.lm_head is None:
-            return self.shared.embedding[...].astype(compute).T
-        if type(self.lm_head) is Linear and self.lm_head.bias is None:
-            return self.lm_head.kernel[...].astype(compute)
-        return None
+        return output_kernel(self.lm_head, self.shared, self.cfg.policy.compute)
 
     def _head_input(self, hidden: jax.Array) -> jax.Array:
         """The decoder output as the output layer takes it: rescaled (v1.0), compute dtype."""
@@ -696,33 +692,25 @@ class T5(nnx.Module):
         *,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """Teacher-forced decoder pass: float32 logits (B, T, V) of
-        :meth:`decoder_hidden` (same arguments)."""
-        hidden = self.decoder_hidden(
-            decoder_input_ids,
-            encoder_out,
-            encoder_mask,
-            decoder_attention_mask,
-            dropout_key=dropout_key,
-        )
-        return self.logits(hidden)
-
-    def decoder_hidden(
-        self,
-        decoder_input_ids: jax.Array,
-        encoder_out: jax.Array,
-        encoder_mask: jax.Array | None = None,
-        decoder_attention_mask: jax.Array | None = None,
-        *,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Teacher-forced decoder stack, up to the output layer.
+        """Teacher-forced decoder pass.
 
         decoder_input_ids: (B, T) int; encoder_out: (B, S, D); encoder_mask: (B, S) 1/0
         (None: no padding); decoder_attention_mask: (B, T) 1/0 (None: no padding);
-        dropout_key: training dropout (None: none). Returns the final-normed decoder
-        output (B, T, D) in the compute dtype.
+        dropout_key: training dropout (None: none). Returns float32 logits (B, T, V).
         """
+        args = (decoder_input_ids, encoder_out, encoder_mask, decoder_attention_mask)
+        return self.logits(self._decoder_stack(*args, dropout_key))
+
+    def _decoder_stack(
+        self,
+        decoder_input_ids: jax.Array,
+        encoder_out: jax.Array,
+        encoder_mask: jax.Array | None,
+        decoder_mask: jax.Array | None,
+        dropout_key: jax.Array | None,
+    ) -> jax.Array:
+        """:meth:`decode` (same arguments, positional) up to the output layer: the
+        final-normed decoder output (B, T, D) in the compute dtype."""
         batch, length = decoder_input_ids.shape
         if encoder_mask is None:
             encoder_mask = jnp.ones(encoder_out.shape[:2], bool)
@@ -731,8 +719,8 @@ class T5(nnx.Module):
             jnp.asarray(self.decoder.buckets(positions[None, :] - positions[:, None]))
         )[None]  # (1, H, T, T)
         self_mask = jnp.asarray(positions[None, :] <= positions[:, None])[None, None]
-        if decoder_attention_mask is not None:
-            self_mask = self_mask & decoder_attention_mask.astype(bool)[:, None, None, :]
+        if decoder_mask is not None:
+            self_mask = self_mask & decoder_mask.astype(bool)[:, None, None, :]
         cross_mask = encoder_mask.astype(bool)[:, None, None, :]
 
         def body(layer: T5Block, x, key):
@@ -781,12 +769,8 @@ class T5(nnx.Module):
         without the (B, T, V) logits when the output layer is one matrix."""
         encoder_key, decoder_key = _split_keys(dropout_key, 2)
         encoder_out = self.encode(input_ids, attention_mask, dropout_key=encoder_key)
-        hidden = self.decoder_hidden(
-            decoder_input_ids,
-            encoder_out,
-            attention_mask,
-            decoder_attention_mask,
-            dropout_key=decoder_key,
+        hidden = self._decoder_stack(
+            decoder_input_ids, encoder_out, attention_mask, decoder_attention_mask, decoder_key
         )
         kernel = self.output_kernel()
         if kernel is None:
