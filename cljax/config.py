@@ -35,8 +35,17 @@ class ModelConfig:
     preset: str = field("tiny", "shape preset of the family (e.g. tiny, llama-2-7b, t5-large)")
     checkpoint: str = field("", "Hugging Face checkpoint directory; empty = random init")
     overrides: dict = field({}, "preset fields replaced, e.g. {'hidden_size': 128}")
-    param_dtype: str = field("float32", "parameter storage dtype: float32 | bfloat16")
+    param_dtype: str = field(
+        "float32",
+        "parameter storage dtype: float32 | bfloat16 (keep float32 to train: bf16"
+        " weights swallow updates smaller than 1/256 of their value)",
+    )
     compute_dtype: str = field("float32", "matmul dtype: float32 | bfloat16")
+    remat: str = field(
+        "none",
+        "recompute layer activations in the backward pass: none | full | dots (keep matmul"
+        " outputs) | dots_no_batch (keep only weight matmuls)",
+    )
 
 
 @dataclasses.dataclass
@@ -84,6 +93,14 @@ class TrainConfig:
     max_steps_per_task: int = field(0, "stop a task after this many optimizer steps (0 = no cap)")
     batch_size: int = field(8, "examples per micro-batch (global, over all devices)")
     grad_accum_steps: int = field(1, "micro-batches per optimizer step")
+    effective_batch_size: int = field(
+        0,
+        "examples per optimizer step; when set, batch_size = per_device_batch_size x the"
+        " data-parallel devices and grad_accum_steps = the rest (0 = use those two as given)",
+    )
+    per_device_batch_size: int = field(
+        1, "rows per device in a micro-batch (with effective_batch_size)"
+    )
     learning_rate: float = field(1e-3, "peak learning rate")
     schedule: str = field("constant", "learning-rate schedule: constant | linear | cosine")
     warmup_steps: int = field(0, "linear warm-up steps at the start of each task")
@@ -106,6 +123,11 @@ class RunConfig:
     out_dir: str = field("runs", "parent of the run directory")
     checkpoint_every_steps: int = field(100, "save a mid-task checkpoint every N steps (0 = off)")
     mesh: dict = field({}, "mesh axis sizes, e.g. {'data': -1} (default: data parallel)")
+    rules: dict = field(
+        {},
+        "logical axis -> mesh axes overrides of cljax.parallel.DEFAULT_RULES, e.g."
+        " {'embed': None, 'activation_batch': ['data']}",
+    )
     progress: bool = field(True, "show a progress bar")
 
 

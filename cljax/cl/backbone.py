@@ -74,7 +74,7 @@ class Family:
                     f"model, but model.family is {self.name!r}"
                 )
             return model, model_cfg
-        fields = {**self.token_fields(tokenizer), **cfg.overrides}
+        fields = {**self.token_fields(tokenizer), "remat": cfg.remat, **cfg.overrides}
         model_cfg = self.config_class.preset(cfg.preset, policy=_policy(cfg), **fields)
         return self.model_class(model_cfg, rngs=rngs), model_cfg
 
@@ -95,7 +95,8 @@ def _policy(cfg: ModelConfig) -> DTypePolicy:
 def _from_checkpoint(cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[nnx.Module, Any]:
     from cljax.models.convert import load_hf_checkpoint
 
-    model, model_cfg = load_hf_checkpoint(cfg.checkpoint, policy=_policy(cfg), **cfg.overrides)
+    overrides = {"remat": cfg.remat, **cfg.overrides}
+    model, model_cfg = load_hf_checkpoint(cfg.checkpoint, policy=_policy(cfg), **overrides)
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"checkpoint {cfg.checkpoint} has vocab_size {model_cfg.vocab_size} but tokenizer "

@@ -12,6 +12,7 @@ replaying ``prepare`` before the checkpointed arrays are restored into it.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -37,6 +38,7 @@ from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.models import lora
+from cljax.models.layers import check_remat
 from cljax.optim.regularizers import fisher_diagonal, stack_batches
 
 PyTree = Any
@@ -150,10 +152,18 @@ def make_transform(
 
 
 def make_train_step(
-    family: Family, method: Method, tx: optax.GradientTransformation, graphdef: Any
+    family: Family,
+    method: Method,
+    tx: optax.GradientTransformation,
+    graphdef: Any,
+    shardings: tuple[PyTree, PyTree, PyTree] | None = None,
 ) -> Callable:
     """``step(params, opt_state, rest, batch, key, arrays) -> (params, opt_state, stats)``
-    jitted, with the parameters and the optimizer state donated."""
+    jitted, with the parameters and the optimizer state donated.
+
+    ``shardings``: ``(params, opt_state, rest)`` shardings (``NamedSharding`` trees);
+    the step then takes and returns its state exactly so placed, and a steady step
+    never compiles again for new input shardings."""
 
     def loss_of(params, rest, batch, key, arrays):
         model = nnx.merge(graphdef, params, rest, copy=True)
@@ -174,30 +184,89 @@ def make_train_step(
         finite = jnp.isfinite(optax.tree.norm(params))
         return params, opt_state, {"loss": loss, "total": total, "finite": finite}
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    param_sh, opt_sh, rest_sh = shardings
+    return jax.jit(
+        step,
+        in_shardings=(param_sh, opt_sh, rest_sh, None, None, None),
+        out_shardings=(param_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
 
 
-def init_optimizer(
+def shardings_of(tree: PyTree) -> PyTree:
+    """The ``sharding`` of every array of ``tree`` (a tree of the same structure)."""
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def optimizer_shardings(
     tx: optax.GradientTransformation, params: PyTree, mesh: jax.sharding.Mesh
 ) -> PyTree:
-    """``tx.init`` with every array placed on the mesh as the step returns it (moments
-    follow their parameters; counters and other new arrays are replicated), so the
-    first step does not compile a second time for other input shardings."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x: Any) -> Any:
-        if isinstance(x, jax.Array) and not isinstance(x.sharding, jax.sharding.NamedSharding):
-            return jax.device_put(x, replicated)
-        return x
-
-    return jax.tree.map(place, jax.jit(tx.init)(params))
+    """Shardings of ``tx.init(params)``: every array that belongs to a parameter (Adam
+    moments, OSF bases, GORP projectors and moments) split like it
+    (``parallel.derived_shardings``), counters replicated."""
+    return parallel.derived_shardings(jax.eval_shape(tx.init, params), params, mesh)
 
 
-def device_batch(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
+def init_optimizer(tx: optax.GradientTransformation, params: PyTree, shardings: PyTree) -> PyTree:
+    """``tx.init(params)`` born with ``shardings`` (``optimizer_shardings``), so no
+    device ever holds a whole moment or basis and the first step sees the shardings
+    every later step returns.
+
+    A transform that holds arrays itself (OSF's bases, built already sharded) is
+    initialised eagerly: a jitted init would copy them (``jit`` never returns a
+    closed-over array as is), doubling their memory for the whole task; its other
+    arrays (``zeros_like`` of the parameters) keep the parameters' shardings."""
+    consts = jax.make_jaxpr(tx.init)(params).consts
+    if any(np.size(c) > 1 for c in consts):
+        return jax.device_put(tx.init(params), shardings)
+    return jax.jit(tx.init, out_shardings=shardings)(params)
+
+
+def device_batch(
+    batch: Batch, mesh: jax.sharding.Mesh, rules: parallel.LogicalRules = parallel.DEFAULT_RULES
+) -> Batch:
     """Put a host batch on the mesh, rows split over the data-parallel axes."""
     return jax.tree.map(
-        lambda x: jax.device_put(x, parallel.batch_sharding(mesh, np.ndim(x))), batch
+        lambda x: jax.device_put(x, parallel.batch_sharding(mesh, np.ndim(x), rules)), batch
     )
+
+
+def resolve_batch_layout(cfg: Config, data_parallel: int) -> Config:
+    """The batch layout for ``data_parallel`` devices splitting each batch.
+
+    With ``train.effective_batch_size`` set: ``batch_size = per_device_batch_size x
+    data_parallel`` and ``grad_accum_steps = effective / batch_size`` (the published
+    runs' 64 is 8 x 8 on 8 devices and 16 x 4 on 16). Otherwise ``batch_size`` and
+    ``grad_accum_steps`` are used as given. Every size must divide; the error names the
+    numbers that do not. Returns a new Config."""
+    train = cfg.train
+    out = copy.deepcopy(cfg)
+    if train.effective_batch_size:
+        if train.per_device_batch_size < 1:
+            raise ValueError(
+                f"train.per_device_batch_size={train.per_device_batch_size} must be >= 1"
+            )
+        micro = train.per_device_batch_size * data_parallel
+        if train.effective_batch_size % micro:
+            raise ValueError(
+                f"train.effective_batch_size={train.effective_batch_size} is not a multiple of"
+                f" train.per_device_batch_size={train.per_device_batch_size} x {data_parallel}"
+                f" data-parallel devices = {micro}; choose an effective batch that is, or fewer"
+                " devices (run.mesh)"
+            )
+        out.train.batch_size = micro
+        out.train.grad_accum_steps = train.effective_batch_size // micro
+    for key, size in (
+        ("train.batch_size", out.train.batch_size),
+        ("eval.batch_size", cfg.eval.batch_size),
+    ):
+        if size % data_parallel:
+            raise ValueError(
+                f"{key}={size} is not divisible by the {data_parallel} data-parallel devices"
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- run state
@@ -253,21 +322,17 @@ class ContinualRun:
         )
         if cfg.eval.mode not in ("generate", "rank"):
             raise ValueError(f"eval.mode={cfg.eval.mode!r}; valid: generate, rank")
+        self.rules = parallel.rules_with(cfg.run.rules)
+        check_remat("model.remat", cfg.model.remat)
         self.mesh = parallel.make_mesh(dict(cfg.run.mesh) or None)
-        n_rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        for key, size in (
-            ("train.batch_size", cfg.train.batch_size),
-            ("eval.batch_size", cfg.eval.batch_size),
-        ):
-            if size % n_rows:
-                raise ValueError(
-                    f"{key}={size} is not divisible by the {n_rows} data-parallel devices"
-                )
+        cfg = self.cfg = resolve_batch_layout(
+            cfg, parallel.data_parallel_size(self.mesh, self.rules)
+        )
         self.data = load_benchmark_data(cfg)
         self.rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
         self.model, self.model_cfg = self.family.build(cfg.model, self.data.tokenizer, self.rngs)
         self.method.setup(self.model, self.rngs)
-        parallel.shard_module(self.model, self.mesh)
+        parallel.shard_module(self.model, self.mesh, self.rules)
         self.phases = 1 if self.method.joint else len(self.data.names)
         self.batch_config = BatchConfig(
             format=self.family.format,
@@ -279,7 +344,7 @@ class ContinualRun:
         )
         self._check_buckets()
         self._rank_fns: dict[Any, Callable] = {}
-        self._steps_cache: dict[Any, tuple[optax.GradientTransformation, Callable]] = {}
+        self._steps_cache: dict[Any, tuple[optax.GradientTransformation, Callable, Any]] = {}
 
     def _check_buckets(self) -> None:
         """With explicit ``data.length_buckets``, every row must fit the largest one:
@@ -320,7 +385,7 @@ class ContinualRun:
                 )
             score = self._rank_fns[graphdef]
             return evaluate_rank(
-                lambda b: score(state, device_batch(b, self.mesh)),
+                lambda b: score(state, device_batch(b, self.mesh, self.rules)),
                 self.data.test[i],
                 self.data.tokenizer,
                 dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
@@ -369,7 +434,10 @@ class ContinualRun:
             "vocab_size": self.data.tokenizer.vocab_size,
         }
         (self.run_dir / "data.json").write_text(json.dumps(data_info, indent=2, default=str))
-        with RunCheckpointer(self.run_dir / "checkpoints") as ckpt:
+        with (
+            RunCheckpointer(self.run_dir / "checkpoints") as ckpt,
+            parallel.use_mesh(self.mesh, self.rules),
+        ):
             metrics = self._run(ckpt)
         self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
         return metrics
@@ -430,17 +498,25 @@ class ContinualRun:
             steps = min(steps, self.cfg.train.max_steps_per_task)
         return max(steps, 1)
 
-    def _transform_and_step(self, phase: int, graphdef: Any, params: PyTree, total: int):
+    def _transform_and_step(
+        self, phase: int, graphdef: Any, params: PyTree, rest: PyTree, total: int
+    ):
         """The phase's transform and its compiled step, reused across phases when the
         method's transform does not change (same key, same model structure), so that a
-        sequence of tasks compiles its step once per batch shape."""
+        sequence of tasks compiles its step once per batch shape. Returns ``(tx, step,
+        (params, opt_state, rest) shardings)``."""
         method_key = self.method.transform_key(phase)
         schedule_key = None if self.cfg.train.schedule == "constant" else total
         key = None if method_key is None else (method_key, schedule_key, graphdef)
         if key is not None and key in self._steps_cache:
             return self._steps_cache[key]
         tx = make_transform(self.cfg, self.method, phase, params, total)
-        pair = (tx, make_train_step(self.family, self.method, tx, graphdef))
+        shardings = (
+            shardings_of(params),
+            optimizer_shardings(tx, params, self.mesh),
+            shardings_of(rest),
+        )
+        pair = (tx, make_train_step(self.family, self.method, tx, graphdef, shardings), shardings)
         if key is not None:
             self._steps_cache[key] = pair
         return pair
@@ -449,7 +525,7 @@ class ContinualRun:
         split = self.method.train_split(phase, self.data.train)
         _, params, _ = nnx.split(self.model, self.method.trainable(), ...)
         tx = make_transform(self.cfg, self.method, phase, params, self._steps(split))
-        return tx, init_optimizer(tx, params, self.mesh)
+        return tx, init_optimizer(tx, params, optimizer_shardings(tx, params, self.mesh))
 
     def _write_outputs(self, pos: Position) -> report.ContinualMetrics | None:
         metrics = report.write_accuracy(
@@ -475,15 +551,22 @@ class ContinualRun:
         ``end_task`` hands to the next phase."""
         cfg, method, phase = self.cfg, self.method, pos.phase
         name = self._phase_name(phase)
+        # New structure (a LoRA pair of this task) is placed on the mesh like the rest.
+        parallel.shard_module(self.model, self.mesh, self.rules)
         method.begin_task(phase, self.model, lambda: self._calibration(phase))
+        self._place_method_arrays()
         split = method.train_split(phase, self.data.train)
         total = self._steps(split)
         self.model.train()
-        graphdef, params, _ = nnx.split(self.model, method.trainable(), ...)
-        tx, step_fn = self._transform_and_step(phase, graphdef, params, total)
-        opt_state = carried if carried is not None else init_optimizer(tx, params, self.mesh)
+        graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
+        tx, step_fn, (_, opt_sh, _) = self._transform_and_step(phase, graphdef, params, rest, total)
+        if carried is not None:
+            opt_state = jax.device_put(carried, opt_sh)
+        else:
+            opt_state = init_optimizer(tx, params, opt_sh)
         if resume_step is not None:
             opt_state = self._restore(ckpt, resume_step, opt_state)
+            self._place_method_arrays()
         graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
 
         accum = cfg.train.grad_accum_steps
@@ -511,7 +594,7 @@ class ContinualRun:
                             params,
                             opt_state,
                             rest,
-                            device_batch(batch, self.mesh),
+                            device_batch(batch, self.mesh, self.rules),
                             jax.random.fold_in(key, micro),
                             method.arrays,
                         )
@@ -552,6 +635,12 @@ class ContinualRun:
                     writer.close()
         nnx.update(self.model, params, rest)
         return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+
+    def _place_method_arrays(self) -> None:
+        """The method's arrays (anchors, Fisher) split like the parameters they belong to."""
+        params = nnx.state(self.model, nnx.Param)
+        shardings = parallel.derived_shardings(self.method.arrays, params, self.mesh)
+        self.method.arrays = jax.device_put(self.method.arrays, shardings)
 
     def _calibration(self, phase: int) -> list[Batch]:
         """A few training batches of the previous task (OSF's importance rule)."""

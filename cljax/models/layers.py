@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cljax.parallel import constrain
+
 LogicalAxes = tuple[str | None, ...]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -219,12 +221,40 @@ def record_layers() -> Iterator[list[tuple[nnx.Module, int, Any, Any]]]:
         _LAYER_RECORD.reset(token)
 
 
+# ``remat`` names -> what the backward pass keeps of a layer (None: everything, no remat).
+# "full" keeps only the layer's input (recomputes the whole layer); "dots" keeps matmul
+# outputs (recomputes norms, activations, softmax); "dots_no_batch" keeps the matmuls
+# with the weights but not attention's batched ones (scores grow with T^2).
+REMAT_POLICIES: dict[str, Callable[..., Any] | None] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(owner: str, value: Any) -> None:
+    """``remat`` of a model config must name a ``REMAT_POLICIES`` entry."""
+    if value not in REMAT_POLICIES:
+        raise ValueError(f"{owner}.remat={value!r}; valid: {sorted(REMAT_POLICIES)}")
+
+
+# Logical names of the residual stream (B, T, D) between layers.
+HIDDEN_AXES = ("activation_batch", "activation_length", "activation_embed")
+
+
+def constrain_hidden(x: jax.Array) -> jax.Array:
+    """Keep hidden states (B, T, D) split over the batch axes (``cljax.parallel``)."""
+    return constrain(x, HIDDEN_AXES)
+
+
 def scan_layers(
     stacked: nnx.Module,
     body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
     carry: Any,
     xs: Any = None,
     unroll: int = 1,
+    remat: str = "none",
 ) -> tuple[Any, Any]:
     """Run ``body(layer, carry, x) -> (carry, y)`` over the leading ``layers`` axis of
     every array in ``stacked`` (and of ``xs``), as one ``jax.lax.scan``.
@@ -232,13 +262,19 @@ def scan_layers(
     ``layer`` is the module rebuilt from one slice of the stacked state, so the body
     is written as if for a single transformer block. ``unroll`` layers run per loop
     iteration (``jax.lax.scan``'s ``unroll``; >= the layer count: no loop at all).
-    Returns ``(carry, stacked ys)``.
+    ``remat`` (a ``REMAT_POLICIES`` name) recomputes each layer's activations in the
+    backward pass instead of storing them: memory per layer falls from every
+    intermediate to the layer's input. Returns ``(carry, stacked ys)``.
     """
+    check_remat("scan_layers", remat)
     graphdef, state = nnx.split(stacked)
 
     def step(c, slices):
         layer_state, x = slices
         return body(nnx.merge(graphdef, layer_state), c, x)
+
+    if remat != "none":
+        step = jax.checkpoint(step, policy=REMAT_POLICIES[remat], prevent_cse=False)
 
     records = _LAYER_RECORD.get()
     if records is None:

@@ -38,13 +38,22 @@ from cljax.models.layers import (
     Embed,
     Linear,
     RMSNorm,
+    check_remat,
     check_scan_unroll,
+    constrain_hidden,
     masked_softmax,
     output_kernel,
     preset_config,
     scan_layers,
 )
 from cljax.models.losses import linear_nll, masked_mean_nll
+from cljax.parallel import constrain
+
+# Logical names of activations (``cljax.parallel`` maps them onto the mesh).
+HEADS_AXES = ("activation_batch", "activation_length", "activation_heads", None)
+KV_AXES = ("activation_batch", "activation_length", "activation_kv", None)
+MLP_AXES = ("activation_batch", "activation_length", "activation_mlp")
+CACHE_AXES = ("layers", "activation_batch", "activation_length", "activation_kv", None)
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -106,12 +115,14 @@ class LlamaConfig:
     pad_token_id: int | None = None
     policy: DTypePolicy = DTypePolicy()
     scan_unroll: int = 1
+    remat: str = "none"
 
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
 
         check_scan_unroll("LlamaConfig", self.scan_unroll)
+        check_remat("LlamaConfig", self.remat)
 
         if self.num_key_value_heads is None:
             fix("num_key_value_heads", self.num_attention_heads)
@@ -253,7 +264,7 @@ _IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "is_encoder_decoder",
 }
 _KNOWN_HF_FIELDS = (
-    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy", "scan_unroll"}
+    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy", "scan_unroll", "remat"}
     | set(_FIXED_HF_FIELDS)
     | _IGNORED_HF_FIELDS
     | {"rope_parameters"}
@@ -421,7 +432,8 @@ class MLP(nnx.Module):
         self.down_proj = Linear(m, d, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(hidden, MLP_AXES))
 
 
 class Block(nnx.Module):
@@ -454,13 +466,15 @@ class Block(nnx.Module):
         Returns the new x and the updated cache (or None)."""
         cfg, compute = self.cfg, self.cfg.policy.compute
         b, t, _ = x.shape
+        x = constrain_hidden(x)
         h = self.input_norm(x).astype(compute)
         q = self.attn.q_proj(h).reshape(b, t, cfg.num_attention_heads, cfg.head_dim)
         k = self.attn.k_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         v = self.attn.v_proj(h).reshape(b, t, cfg.num_key_value_heads, cfg.head_dim)
         cos, sin = rope
-        q = apply_rope(q, cos, sin).astype(compute)
-        k = apply_rope(k, cos, sin).astype(compute)
+        q = constrain(apply_rope(q, cos, sin).astype(compute), HEADS_AXES)
+        k = constrain(apply_rope(k, cos, sin).astype(compute), KV_AXES)
+        v = constrain(v, KV_AXES)
         if cache is not None:
             # Writing only the new entries into the whole-model cache (rather than
             # scanning over per-layer caches) lets XLA update it in place.
@@ -470,9 +484,9 @@ class Block(nnx.Module):
                 jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), start),
             )
             k, v = cache.k[layer_index], cache.v[layer_index]
-        x = x + self.attn.o_proj(attend(q, k, v, mask))
+        x = constrain_hidden(x + self.attn.o_proj(attend(q, k, v, mask)))
         x = x + self.mlp(self.post_attn_norm(x).astype(compute))
-        return x, cache
+        return constrain_hidden(x), cache
 
 
 class Llama(nnx.Module):
@@ -551,7 +565,7 @@ class Llama(nnx.Module):
         causal = jnp.arange(s)[None, :] <= query_slots[:, None]
         mask = causal[None] & key_mask[:, None, :]
         rope = rope_tables(self.cfg, positions)
-        x = self.embed(input_ids)
+        x = constrain_hidden(self.embed(input_ids))
 
         def body(layer: Block, carry: Any, layer_index: jax.Array) -> tuple[Any, None]:
             x, cache = carry
@@ -559,7 +573,12 @@ class Llama(nnx.Module):
 
         layer_indices = jnp.arange(self.cfg.num_hidden_layers)
         (x, cache), _ = scan_layers(
-            self.layers, body, (x, cache), layer_indices, unroll=self.cfg.scan_unroll
+            self.layers,
+            body,
+            (x, cache),
+            layer_indices,
+            unroll=self.cfg.scan_unroll,
+            remat=self.cfg.remat,
         )
         return self.final_norm(x), cache
 
@@ -573,7 +592,7 @@ class Llama(nnx.Module):
         """An empty cache for ``batch`` sequences of ``length`` slots."""
         cfg = self.cfg
         shape = (cfg.num_hidden_layers, batch, length, cfg.num_key_value_heads, cfg.head_dim)
-        zeros = jnp.zeros(shape, cfg.policy.compute)
+        zeros = constrain(jnp.zeros(shape, cfg.policy.compute), CACHE_AXES)
         return KVCache(zeros, zeros)
 
 

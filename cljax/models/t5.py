@@ -49,7 +49,9 @@ from cljax.models.layers import (
     Embed,
     Linear,
     RMSNorm,
+    check_remat,
     check_scan_unroll,
+    constrain_hidden,
     masked_softmax,
     normal_init,
     output_kernel,
@@ -58,6 +60,10 @@ from cljax.models.layers import (
     scan_layers,
 )
 from cljax.models.losses import linear_nll, masked_mean_nll
+from cljax.parallel import constrain
+
+# (L, B, H, T, Dk) decoder caches, split over the batch (and heads over ``tensor``).
+CACHE_AXES = ("layers", "activation_batch", "activation_heads", "activation_length", None)
 
 # feed_forward_proj -> (activation, gated). HF maps "gated-gelu" to gelu_new, the tanh
 # approximation (configuration_t5.py), and "relu" to ReLU.
@@ -94,9 +100,11 @@ class T5Config:
     decoder_start_token_id: int = 0
     policy: DTypePolicy = DTypePolicy()
     scan_unroll: int = 1
+    remat: str = "none"
 
     def __post_init__(self):
         check_scan_unroll("T5Config", self.scan_unroll)
+        check_remat("T5Config", self.remat)
         for name in (
             "vocab_size",
             "d_model",
@@ -273,7 +281,7 @@ _IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "gradient_checkpointing",
 }
 _KNOWN_HF_FIELDS = (
-    {f.name for f in dataclasses.fields(T5Config)} - {"policy", "scan_unroll"}
+    {f.name for f in dataclasses.fields(T5Config)} - {"policy", "scan_unroll", "remat"}
     | {"dense_act_fn", "is_gated_act"}
     | set(_FIXED_HF_FIELDS)
     | _IGNORED_HF_FIELDS
@@ -490,6 +498,7 @@ class T5MLP(nnx.Module):
             hidden = self._act(self.wi_0(x)) * self.wi_1(x)
         else:
             hidden = self._act(self.wi(x))
+        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
         return self.wo(dropout(hidden, self.dropout_rate, dropout_key))
 
 
@@ -521,7 +530,7 @@ class T5Block(nnx.Module):
 
     def residual(self, x: jax.Array, update: jax.Array, key: jax.Array | None) -> jax.Array:
         """``x + dropout(update)``: every sub-layer's output joins the residual stream."""
-        return x + dropout(update, self.dropout_rate, key).astype(x.dtype)
+        return constrain_hidden(x + dropout(update, self.dropout_rate, key).astype(x.dtype))
 
     def self_attention(self, x, bias, mask, key: jax.Array | None = None) -> jax.Array:
         """Pre-norm self-attention sub-layer (B, T, D) -> (B, T, D), no cache."""
@@ -658,8 +667,10 @@ class T5(nnx.Module):
         and apply its final norm (with dropout). Returns ((B, T, D) compute dtype, ys)."""
         embed_key, layers_key, final_key = _split_keys(dropout_key, 3)
         layer_keys = None if layers_key is None else jax.random.split(layers_key, stack.num_layers)
-        x = dropout(self.shared(input_ids), self.cfg.dropout_rate, embed_key)
-        x, ys = scan_layers(stack.layers, body, x, layer_keys, unroll=self.cfg.scan_unroll)
+        x = constrain_hidden(dropout(self.shared(input_ids), self.cfg.dropout_rate, embed_key))
+        x, ys = scan_layers(
+            stack.layers, body, x, layer_keys, unroll=self.cfg.scan_unroll, remat=self.cfg.remat
+        )
         x = stack.final_norm(x).astype(self.cfg.policy.compute)
         return dropout(x, self.cfg.dropout_rate, final_key), ys
 
@@ -799,12 +810,12 @@ class T5(nnx.Module):
         )
         cfg = self.cfg
         shape = (cfg.num_decoder_layers, batch, cfg.num_heads, max_length, cfg.d_kv)
-        zeros = jnp.zeros(shape, cross_k.dtype)
+        zeros = constrain(jnp.zeros(shape, cross_k.dtype), CACHE_AXES)
         return T5DecodeCache(
             self_k=zeros,
             self_v=zeros,
-            cross_k=cross_k,
-            cross_v=cross_v,
+            cross_k=constrain(cross_k, CACHE_AXES),
+            cross_v=constrain(cross_v, CACHE_AXES),
             encoder_mask=encoder_mask.astype(bool),
             index=jnp.zeros((), jnp.int32),
         )

@@ -27,7 +27,7 @@ slice are padded to the widest slice with zero columns (which project nothing).
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, NamedTuple
@@ -35,6 +35,8 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cljax import parallel
 
 Layout = Literal["flax", "torch"]
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -75,9 +77,16 @@ def named_leaves(tree: Any) -> dict[str, Any]:
 # --------------------------------------------------------------------------- SVD
 
 
+def _thin_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return jnp.linalg.svd(x, full_matrices=False)
+
+
 @jax.jit
 def batched_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Thin SVD in float32 of a stack of matrices, whatever ``x``'s dtype.
+
+    Inside ``cljax.parallel.use_mesh`` the stack is spread over the mesh's devices
+    (``parallel.map_over_devices``): each device decomposes its share of the matrices.
 
     Args:
       x: ``(..., m, n)``; leading axes (e.g. stacked layers) are batched.
@@ -88,7 +97,7 @@ def batched_svd(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """
     if x.ndim < 2:
         raise ValueError(f"batched_svd needs (..., m, n), got shape {x.shape}")
-    return jnp.linalg.svd(x.astype(jnp.float32), full_matrices=False)
+    return parallel.map_over_devices(_thin_svd, x.astype(jnp.float32))
 
 
 def check_finite(matrices: Mapping[str, jax.Array]) -> None:
@@ -344,7 +353,7 @@ def _gram_eigenvectors(x: jax.Array) -> jax.Array:
     """Eigenvectors of ``x x^T`` (``(..., R, R)``), by descending eigenvalue: the left
     singular vectors of ``x``."""
     gram = jnp.matmul(x, jnp.swapaxes(x, -1, -2), precision=_HIGHEST)
-    _, vectors = jnp.linalg.eigh(gram)
+    vectors = parallel.map_over_devices(lambda g: jnp.linalg.eigh(g)[1], gram)
     return vectors[..., ::-1]
 
 
@@ -378,8 +387,7 @@ def _singular_vectors(
     return _orthonormal(jnp.matmul(x, right[..., :w_left], precision=_HIGHEST)), right
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "dtype", "method"))
-def _build_bases_jit(
+def _build_bases_impl(
     matrices: dict[str, jax.Array],
     ranks: dict[str, jax.Array],
     left_complement: dict[str, jax.Array],
@@ -447,9 +455,23 @@ def build_bases(
         lefts[name] = jnp.asarray(plan_left.complement)
         rights[name] = jnp.asarray(plan_right.complement)
         widths.append((name, plan_left.width, plan_right.width))
-    return _build_bases_jit(
-        dict(matrices), rank_arrays, lefts, rights, tuple(widths), jnp.dtype(dtype), method
-    )
+    args = (dict(matrices), rank_arrays, lefts, rights, tuple(widths), jnp.dtype(dtype), method)
+    mesh = parallel.array_mesh(matrices)
+    if mesh is None:
+        return _build_bases_jit(*args)
+    # Sharded weights: every basis is born split like its matrix (``derived_shardings``)
+    # and the SVDs are spread over the devices, so no device holds every basis or runs
+    # every decomposition.
+    with contextlib.ExitStack() as stack:
+        if parallel.current_mesh() is None:
+            stack.enter_context(parallel.use_mesh(mesh))
+        abstract = jax.eval_shape(_build_bases_jit, *args)
+        shardings = parallel.derived_shardings(abstract, args[0], mesh)
+        build = jax.jit(_build_bases_impl, static_argnums=(4, 5, 6), out_shardings=shardings)
+        return build(*args)
+
+
+_build_bases_jit = jax.jit(_build_bases_impl, static_argnames=("widths", "dtype", "method"))
 
 
 # --------------------------------------------------------------------------- projections
