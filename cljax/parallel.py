@@ -154,7 +154,7 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: LogicalRules = DEFAULT_
     from cljax.models.layers import logical_axes  # the models import this module
 
     def sharding(variable: nnx.Variable) -> nnx.Variable:
-        value = variable[...]
+        value = variable.get_value()  # also a ShapeDtypeStruct (abstract state)
         axes = logical_axes(variable) or (None,) * np.ndim(value)
         spec = logical_to_spec(axes, np.shape(value), mesh, rules)
         return variable.replace(NamedSharding(mesh, spec))

@@ -255,7 +255,8 @@ class OSF(Method):
                 f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule,"
                 " importance"
             )
-        self._bases = None
+        #: the current task's frozen-subspace bases (None on the first task: plain AdamW)
+        self.bases: dict[str, Any] | None = None
         self._ranks_used: dict[str, list] = {}
         self._resumed_ranks: dict[str, np.ndarray] | None = None
         self.targets = tuple(self.hp["targets"] or family.osf_targets)
@@ -271,7 +272,7 @@ class OSF(Method):
         select_targets(nnx.state(model, nnx.Param), self.targets)
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
-        self._bases = None
+        self.bases = None
         if t > 0:
             params = nnx.state(model, nnx.Param)
             if self._resumed_ranks is not None:
@@ -284,7 +285,7 @@ class OSF(Method):
                 self._ranks_used = {p: np.asarray(k).tolist() for p, k in ranks.items()}
             else:
                 ranks = self._ranks(t)
-            self._bases = osf_bases(params, ranks, targets=self.targets)
+            self.bases = osf_bases(params, ranks, targets=self.targets)
 
     def record(self) -> dict[str, Any]:
         return {"importance_ranks": self._ranks_used} if self._ranks_used else {}
@@ -329,11 +330,11 @@ class OSF(Method):
         )
 
     def optimizer(self, t, params, learning_rate):
-        if self._bases is None:  # task 1: k = 0, plain AdamW
+        if self.bases is None:  # task 1: k = 0, plain AdamW
             return optax.adamw(learning_rate, weight_decay=self.weight_decay)
         return osf(
             learning_rate,
-            self._bases,
+            self.bases,
             weight_decay=self.weight_decay,
             mode=self.hp["mode"],
             untargeted=self.hp["untargeted"],

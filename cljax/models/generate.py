@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cljax import parallel
 from cljax.models.llama import Llama, LlamaConfig, positions_from_mask
 from cljax.models.t5 import T5, T5Config
 
@@ -159,11 +160,12 @@ def _run_greedy(
     eos_array = np.full((max(len(eos), 1),), -1, np.int32)
     eos_array[: len(eos)] = eos
     graphdef, state = nnx.split(model)
+    ids, mask = _place_rows(ids, state), _place_rows(mask, state)
     tokens, lengths = greedy_fn(
         graphdef,
         state,
-        jnp.asarray(ids),
-        jnp.asarray(mask),
+        ids,
+        mask,
         jnp.int32(max_new_tokens),
         jnp.asarray(eos_array),
         capacity=bucket_size(max_new_tokens),
@@ -172,6 +174,18 @@ def _run_greedy(
     n = len(sequences)
     tokens = np.asarray(tokens)[:n, :max_new_tokens]
     return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[:n])
+
+
+def _place_rows(x: np.ndarray, state: nnx.State) -> jax.Array:
+    """A (B, ...) host array on the mesh of a sharded model, rows split like the
+    activations' batch (``cljax.parallel``), so prompts, KV cache and outputs are
+    sharded over the batch axes; as is for an unsharded model or rows that do not
+    divide."""
+    mesh = parallel.array_mesh(state)
+    rules = parallel.current_rules()
+    if mesh is None or x.shape[0] % parallel.data_parallel_size(mesh, rules):
+        return jnp.asarray(x)
+    return jax.device_put(x, parallel.batch_sharding(mesh, x.ndim, rules))
 
 
 # ---------------------------------------------------------------------------------------
