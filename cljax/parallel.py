@@ -168,6 +168,27 @@ def shard_module(module: nnx.Module, mesh: Mesh, rules: LogicalRules = DEFAULT_R
     nnx.update(module, jax.device_put(state, state_shardings(state, mesh, rules)))
 
 
+def create_sharded(
+    factory: Any, rngs: nnx.Rngs, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES
+) -> nnx.Module:
+    """``factory(rngs)`` (a module built from ``rngs``) with every variable born in its
+    sharding: the initialisers run in one jitted call whose outputs are the variables'
+    shardings, so no device ever holds the whole model (a random 7B init on device 0
+    alone would not fit a 16 GiB chip). ``rngs`` advance exactly as in an eager build."""
+    rng_graphdef, rng_state = nnx.split(rngs)
+    abstract = nnx.eval_shape(lambda: factory(nnx.merge(rng_graphdef, rng_state, copy=True)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    def init(rng_state):
+        fresh = nnx.merge(rng_graphdef, rng_state, copy=True)
+        return nnx.split(factory(fresh))[1], nnx.state(fresh)
+
+    state, new_rng_state = jax.jit(init, out_shardings=(shardings, None))(rng_state)
+    nnx.update(rngs, new_rng_state)
+    return nnx.merge(graphdef, state)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of a (batch, ...) input array: the batch split like ``activation_batch``
     (by default over ``data`` x ``fsdp``), so inputs and hidden states agree."""

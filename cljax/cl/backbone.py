@@ -18,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
+from cljax import parallel
 from cljax.config import ModelConfig
 from cljax.data.batching import Batch, TextTokenizer
 from cljax.models.layers import DTypePolicy
@@ -62,12 +64,18 @@ class Family:
     gorp_full_targets: tuple[str, ...]
 
     def build(
-        self, cfg: ModelConfig, tokenizer: TextTokenizer, rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        tokenizer: TextTokenizer,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
     ) -> tuple[nnx.Module, Any]:
         """The model of ``cfg``: loaded from ``cfg.checkpoint``, or a preset (with
-        ``cfg.overrides``) sized for ``tokenizer`` and randomly initialised."""
+        ``cfg.overrides``) sized for ``tokenizer`` and randomly initialised. With a
+        ``mesh`` every parameter is born in its sharding (loaded or initialised)."""
         if cfg.checkpoint:
-            model, model_cfg = _from_checkpoint(cfg, tokenizer)
+            model, model_cfg = _from_checkpoint(cfg, tokenizer, mesh, rules)
             if not isinstance(model_cfg, self.config_class):
                 raise ValueError(
                     f"model.checkpoint {cfg.checkpoint} holds a {type(model_cfg).__name__} "
@@ -76,7 +84,10 @@ class Family:
             return model, model_cfg
         fields = {**self.token_fields(tokenizer), "remat": cfg.remat, **cfg.overrides}
         model_cfg = self.config_class.preset(cfg.preset, policy=_policy(cfg), **fields)
-        return self.model_class(model_cfg, rngs=rngs), model_cfg
+        if mesh is None or mesh.size == 1:
+            return self.model_class(model_cfg, rngs=rngs), model_cfg
+        factory = lambda r: self.model_class(model_cfg, rngs=r)
+        return parallel.create_sharded(factory, rngs, mesh, rules), model_cfg
 
     def loss(self, model: nnx.Module, batch: Batch) -> jax.Array:
         """Mean token NLL of the answers (float32 scalar)."""
@@ -92,11 +103,15 @@ def _policy(cfg: ModelConfig) -> DTypePolicy:
     return DTypePolicy(param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype)
 
 
-def _from_checkpoint(cfg: ModelConfig, tokenizer: TextTokenizer) -> tuple[nnx.Module, Any]:
+def _from_checkpoint(
+    cfg: ModelConfig, tokenizer: TextTokenizer, mesh: Mesh | None, rules: parallel.LogicalRules
+) -> tuple[nnx.Module, Any]:
     from cljax.models.convert import load_hf_checkpoint
 
     overrides = {"remat": cfg.remat, **cfg.overrides}
-    model, model_cfg = load_hf_checkpoint(cfg.checkpoint, policy=_policy(cfg), **overrides)
+    model, model_cfg = load_hf_checkpoint(
+        cfg.checkpoint, mesh=mesh, rules=rules, policy=_policy(cfg), **overrides
+    )
     if model_cfg.vocab_size < tokenizer.vocab_size:
         raise ValueError(
             f"checkpoint {cfg.checkpoint} has vocab_size {model_cfg.vocab_size} but tokenizer "

@@ -330,7 +330,9 @@ class ContinualRun:
         )
         self.data = load_benchmark_data(cfg)
         self.rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
-        self.model, self.model_cfg = self.family.build(cfg.model, self.data.tokenizer, self.rngs)
+        self.model, self.model_cfg = self.family.build(
+            cfg.model, self.data.tokenizer, self.rngs, self.mesh, self.rules
+        )
         self.method.setup(self.model, self.rngs)
         parallel.shard_module(self.model, self.mesh, self.rules)
         self.phases = 1 if self.method.joint else len(self.data.names)

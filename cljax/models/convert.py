@@ -30,11 +30,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from cljax import parallel
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -276,10 +280,24 @@ def load_state_from_tensors(
     model_type: str,
     ignore: Iterable[str] = (),
     where: str = "checkpoint",
+    mesh: Mesh | None = None,
+    sharding_rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
 ) -> nnx.Module:
     """Fill every parameter of ``abstract_model`` (from ``nnx.eval_shape``) from HF
-    tensors, cast to each parameter's dtype; returns the concrete model."""
+    tensors, cast to each parameter's dtype; returns the concrete model.
+
+    With a ``mesh``, each tensor goes straight into its sharding (from the parameter's
+    logical axes and ``sharding_rules``): every device receives only its shards
+    (``jax.make_array_from_callback``; on several hosts each process fills only its
+    own devices), so no device ever holds a whole model, and the host holds one
+    tensor at a time."""
     params = _flat_params(abstract_model)
+    shardings = {}
+    if mesh is not None:
+        flat_sh = nnx.to_flat_state(
+            parallel.state_shardings(nnx.state(abstract_model, nnx.Param), mesh, sharding_rules)
+        )
+        shardings = {".".join(str(k) for k in path): v.get_value() for path, v in flat_sh}
     _check_rules_cover(rules, params, model_type)
     used: set[str] = set()
     values: dict[str, jnp.ndarray] = {}
@@ -304,7 +322,14 @@ def load_state_from_tensors(
             )
             used.add(name)
         array = np.stack(slices) if rule.num_layers is not None else slices[0]
-        values[rule.path] = jnp.asarray(array, dtype=target.dtype)
+        del slices
+        if rule.path in shardings:
+            host = np.asarray(array, dtype=target.dtype)
+            values[rule.path] = jax.make_array_from_callback(
+                host.shape, shardings[rule.path], lambda index, host=host: host[index]
+            )
+        else:
+            values[rule.path] = jnp.asarray(array, dtype=target.dtype)
     patterns = [re.compile(p) for p in ignore]
     unexpected = sorted(
         n for n in reader.located if n not in used and not any(p.search(n) for p in patterns)
@@ -324,11 +349,18 @@ def load_state_from_tensors(
     return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_hf_checkpoint(directory: str | Path, **config_overrides: Any) -> tuple[nnx.Module, Any]:
+def load_hf_checkpoint(
+    directory: str | Path,
+    *,
+    mesh: Mesh | None = None,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+    **config_overrides: Any,
+) -> tuple[nnx.Module, Any]:
     """Load an HF checkpoint directory into a cljax model: returns (model, config).
 
     ``config_overrides`` replace fields of the parsed config (e.g. ``policy=DTypePolicy(
-    "bfloat16", "bfloat16")``) before the model is built.
+    "bfloat16", "bfloat16")``) before the model is built. With a ``mesh`` every tensor
+    is placed directly into its sharding (see ``load_state_from_tensors``).
     """
     family, cfg = read_hf_config(directory)
     reader = _TensorReader(safetensors_index(directory))
@@ -345,6 +377,8 @@ def load_hf_checkpoint(directory: str | Path, **config_overrides: Any) -> tuple[
             model_type=family.model_type,
             ignore=family.ignore,
             where=str(directory),
+            mesh=mesh,
+            sharding_rules=rules,
         )
     finally:
         reader.close()

@@ -176,3 +176,24 @@ def test_missing_files_and_bad_rules_are_named(tmp_path):
         TensorRule("a.weight", "a.kernel", "flip")
     with pytest.raises(ValueError, match="placeholder goes with num_layers"):
         TensorRule("layers.{layer}.weight", "layers.kernel")
+
+
+def test_loads_straight_into_shardings(hf_dir):
+    """With a mesh every tensor is placed into its sharding: each device holds only its
+    shard, and the values are those of the unsharded load."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 (fake) devices")
+    from cljax import parallel
+
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 4})
+    expected, _ = load_hf_checkpoint(hf_dir)
+    model, _ = load_hf_checkpoint(hf_dir, mesh=mesh)
+    got = params_of(model)
+    for path, value in params_of(expected).items():
+        np.testing.assert_array_equal(got[path], value)
+    kernel = model.layers.mlp.up_proj.kernel.get_value()
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    assert kernel.addressable_shards[0].data.shape[1] == kernel.shape[1] // 4
+    # nothing landed whole on one device
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+        assert len(leaf.sharding.device_set) == 8
