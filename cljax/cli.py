@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cljax import config as config_lib
+from cljax.distributed import StartupError
 
 
 def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
@@ -20,10 +21,19 @@ def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from cljax import distributed
     from cljax.cl import report
     from cljax.cl.loop import run_experiment
 
     cfg = _load(args.config, args.overrides)
+    # Before anything touches JAX's devices; a run's later initialize is then a no-op.
+    distributed.initialize(
+        "on" if args.distributed else cfg.run.distributed,
+        coordinator=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        timeout=args.init_timeout,
+    )
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else [None]
     run_dirs = []
     for method in methods:
@@ -60,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="a Python config file defining get_config()")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
     run.add_argument("--methods", help="comma-separated methods: one run each, then compare")
+    run.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: join the other processes (jax.distributed.initialize)",
+    )
+    run.add_argument("--coordinator", help="HOST:PORT of process 0 (default: detected)")
+    run.add_argument("--num-processes", type=int, help="processes in the run")
+    run.add_argument("--process-id", type=int, help="this process's index")
+    run.add_argument(
+        "--init-timeout", type=int, default=300, help="seconds to wait for the coordinator"
+    )
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", help="one table (and plot) over several run dirs")
     compare.add_argument("run_dirs", nargs="+")
@@ -85,7 +106,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError, AttributeError, TypeError) as err:
+    except (
+        KeyError,
+        ValueError,
+        FileNotFoundError,
+        AttributeError,
+        TypeError,
+        StartupError,
+    ) as err:
         # Configuration and input errors: one clear line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"cljax: error: {message}", file=sys.stderr)

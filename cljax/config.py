@@ -129,6 +129,11 @@ class RunConfig:
         " {'embed': None, 'activation_batch': ['data']}",
     )
     progress: bool = field(True, "show a progress bar")
+    distributed: str = field(
+        "auto",
+        "multi-host start-up (jax.distributed.initialize): auto (when a TPU pod / SLURM /"
+        " Open MPI job or $CLJAX_COORDINATOR_ADDRESS shows several hosts) | on | off",
+    )
 
 
 @dataclasses.dataclass

@@ -198,6 +198,24 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = DEFAULT_RULE
     return NamedSharding(mesh, PartitionSpec(axes, *(None,) * (ndim - 1)))
 
 
+def host_to_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A host array that every process holds whole, as a global array: each process
+    places only its own devices' pieces (``device_put`` needs every device addressable)."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host) array on this host."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def data_parallel_size(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> int:
     """How many ways a batch is split (the mesh axes of ``activation_batch``)."""
     spec = batch_sharding(mesh, 1, rules).spec[0]

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from cljax import parallel
+from cljax import distributed, parallel
 from cljax.cl import report
 from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import RunCheckpointer
@@ -225,12 +226,27 @@ def init_optimizer(tx: optax.GradientTransformation, params: PyTree, shardings: 
 
 
 def device_batch(
-    batch: Batch, mesh: jax.sharding.Mesh, rules: parallel.LogicalRules = parallel.DEFAULT_RULES
+    batch: Batch,
+    mesh: jax.sharding.Mesh,
+    rules: parallel.LogicalRules = parallel.DEFAULT_RULES,
+    *,
+    per_process: bool = False,
 ) -> Batch:
-    """Put a host batch on the mesh, rows split over the data-parallel axes."""
-    return jax.tree.map(
-        lambda x: jax.device_put(x, parallel.batch_sharding(mesh, np.ndim(x), rules)), batch
-    )
+    """Put a host batch on the mesh, rows split over the data-parallel axes.
+
+    ``per_process``: the batch holds only this process's rows (``BatchConfig``'s
+    ``process_index``), assembled into the global batch
+    (``jax.make_array_from_process_local_data``); otherwise every process holds the
+    whole batch and places its own devices' rows."""
+
+    def place(x: np.ndarray) -> jax.Array:
+        sharding = parallel.batch_sharding(mesh, np.ndim(x), rules)
+        if per_process and jax.process_count() > 1:
+            shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+        return parallel.host_to_global(x, sharding)
+
+    return jax.tree.map(place, batch)
 
 
 def resolve_batch_layout(cfg: Config, data_parallel: int) -> Config:
@@ -310,7 +326,11 @@ class ContinualRun:
     def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
         cfg = for_method(cfg)
         self.cfg = cfg
-        self.log = log
+        distributed.initialize(cfg.run.distributed)
+        # Several hosts: every process trains, only the first writes logs and files
+        # (orbax checkpoints are written by all of them together).
+        self.main_process = jax.process_index() == 0
+        self.log = log if self.main_process else _silent
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.family = get_family(cfg.model.family)
         self.method = get_method(
@@ -343,6 +363,20 @@ class ContinualRun:
             max_target_tokens=cfg.data.max_target_length,
             decoder_start_id=self.data.tokenizer.pad_id,
             buckets=tuple(cfg.data.length_buckets) or None,
+        )
+        # Training batches: each process builds only its own rows of every global batch
+        # (evaluation, Fisher and calibration batches are whole on every process).
+        processes = jax.process_count()
+        if cfg.train.batch_size % processes:
+            raise ValueError(
+                f"train.batch_size={cfg.train.batch_size} is not divisible by the"
+                f" {processes} processes"
+            )
+        self.train_batch_config = dataclasses.replace(
+            self.batch_config,
+            batch_size=cfg.train.batch_size // processes,
+            process_index=jax.process_index(),
+            process_count=processes,
         )
         self._check_buckets()
         self._rank_fns: dict[Any, Callable] = {}
@@ -387,7 +421,7 @@ class ContinualRun:
                 )
             score = self._rank_fns[graphdef]
             return evaluate_rank(
-                lambda b: score(state, device_batch(b, self.mesh, self.rules)),
+                lambda b: parallel.to_host(score(state, device_batch(b, self.mesh, self.rules))),
                 self.data.test[i],
                 self.data.tokenizer,
                 dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
@@ -428,20 +462,24 @@ class ContinualRun:
         """Train through the order (resuming if the run directory has a checkpoint) and
         write the outputs; returns the final metrics."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(self.cfg.to_json())
-        data_info = {
-            "tasks": list(self.data.names),
-            "metadata": list(self.data.metadata),
-            "tokenizer": self.data.tokenizer.path,
-            "vocab_size": self.data.tokenizer.vocab_size,
-        }
-        (self.run_dir / "data.json").write_text(json.dumps(data_info, indent=2, default=str))
+        if self.main_process:
+            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            data_info = {
+                "tasks": list(self.data.names),
+                "metadata": list(self.data.metadata),
+                "tokenizer": self.data.tokenizer.path,
+                "vocab_size": self.data.tokenizer.vocab_size,
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+            }
+            (self.run_dir / "data.json").write_text(json.dumps(data_info, indent=2, default=str))
         with (
             RunCheckpointer(self.run_dir / "checkpoints") as ckpt,
             parallel.use_mesh(self.mesh, self.rules),
         ):
             metrics = self._run(ckpt)
-        self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
+        if metrics is not None:
+            self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
         return metrics
 
     def _run(self, ckpt: RunCheckpointer) -> report.ContinualMetrics | None:
@@ -530,6 +568,8 @@ class ContinualRun:
         return tx, init_optimizer(tx, params, optimizer_shardings(tx, params, self.mesh))
 
     def _write_outputs(self, pos: Position) -> report.ContinualMetrics | None:
+        if not self.main_process:
+            return None
         metrics = report.write_accuracy(
             self.run_dir,
             method=self.cfg.method.name,
@@ -575,17 +615,18 @@ class ContinualRun:
         per_epoch = batching.num_batches(len(split), self.batch_config)
         micro, total_micro = pos.step * accum, total * accum
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
-        writer = _tensorboard(self.run_dir)
+        writer = _tensorboard(self.run_dir) if self.main_process else None
         progress = _Progress(total, pos.step, name, cfg.run.progress)
         started = time.perf_counter()
-        with open(self.run_dir / "metrics.jsonl", "a") as log_file:
+        log_path = self.run_dir / "metrics.jsonl" if self.main_process else os.devnull
+        with open(log_path, "a") as log_file:
             try:
                 while micro < total_micro:
                     epoch, offset = divmod(micro, per_epoch)
                     for batch in batching.train_batches(
                         split,
                         self.data.tokenizer,
-                        self.batch_config,
+                        self.train_batch_config,
                         epoch=epoch,
                         seed=cfg.data.seed + 1000 * phase,
                         start_step=offset,
@@ -596,7 +637,7 @@ class ContinualRun:
                             params,
                             opt_state,
                             rest,
-                            device_batch(batch, self.mesh, self.rules),
+                            device_batch(batch, self.mesh, self.rules, per_process=True),
                             jax.random.fold_in(key, micro),
                             method.arrays,
                         )
@@ -703,6 +744,10 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _tensorboard(run_dir: Path) -> Any:

@@ -172,8 +172,8 @@ def _run_greedy(
         pad_id=int(pad_token_id),
     )
     n = len(sequences)
-    tokens = np.asarray(tokens)[:n, :max_new_tokens]
-    return GenerationOutput(tokens=tokens, lengths=np.asarray(lengths)[:n])
+    tokens = parallel.to_host(tokens)[:n, :max_new_tokens]
+    return GenerationOutput(tokens=tokens, lengths=parallel.to_host(lengths)[:n])
 
 
 def _place_rows(x: np.ndarray, state: nnx.State) -> jax.Array:
@@ -185,7 +185,7 @@ def _place_rows(x: np.ndarray, state: nnx.State) -> jax.Array:
     rules = parallel.current_rules()
     if mesh is None or x.shape[0] % parallel.data_parallel_size(mesh, rules):
         return jnp.asarray(x)
-    return jax.device_put(x, parallel.batch_sharding(mesh, x.ndim, rules))
+    return parallel.host_to_global(x, parallel.batch_sharding(mesh, x.ndim, rules))
 
 
 # ---------------------------------------------------------------------------------------
