@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import time
 from collections.abc import Mapping
 
 import jax
@@ -49,6 +51,26 @@ def _int_setting(value: int | None, variable: str, flag: str) -> int | None:
     if not text.isdigit():
         raise ValueError(f"${variable}={text!r} must be a non-negative integer ({flag})")
     return int(text)
+
+
+def wait_for_coordinator(
+    address: str, timeout: float, process_id: int | None = None, num_processes: int | None = None
+) -> None:
+    """Wait until something listens at ``address`` (HOST:PORT); ``StartupError`` naming
+    it after ``timeout`` seconds."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1.0):
+                return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise StartupError(
+                    f"multi-host start-up failed: could not reach the coordinator {address}"
+                    f" within {timeout:g} s (process {process_id} of {num_processes}): {err}"
+                ) from err
+            time.sleep(0.25)
 
 
 def initialize(
@@ -82,6 +104,10 @@ def initialize(
         if not 0 <= process_id < num_processes:
             raise ValueError(f"--process-id {process_id} not in [0, {num_processes})")
     where = coordinator or "the coordinator JAX detects (TPU pod / SLURM / Open MPI)"
+    if coordinator is not None and process_id != 0:
+        # JAX aborts the whole process when its client cannot connect; finding out first
+        # gives an error that can be read (and caught).
+        wait_for_coordinator(coordinator, timeout, process_id, num_processes)
     try:
         jax.distributed.initialize(
             coordinator_address=coordinator,
