@@ -24,6 +24,7 @@ bench:
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/optim.py
 	$(BIN)/python bench/data.py
+	$(BIN)/python bench/scale.py --matrix experiments/results/bench/scale.txt
 
 demo:
 	$(BIN)/cljax run experiments/configs/demo.py --methods seqft,osf,gorp,olora,mtl

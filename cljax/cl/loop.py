@@ -718,12 +718,14 @@ class ContinualRun:
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
         family = self.family
 
-        @jax.jit
         def compute(params, rest, stacked):
             loss = lambda p, b: family.loss(nnx.merge(graphdef, p, rest), b)
             return nnx.to_pure_dict(fisher_diagonal(loss, params, stacked))
 
-        return compute(params, rest, stacked)
+        # born split like the parameters, as the anchors are
+        shape = jax.eval_shape(compute, params, rest, stacked)
+        shardings = parallel.derived_shardings(shape, params, self.mesh)
+        return jax.jit(compute, out_shardings=shardings)(params, rest, stacked)
 
 
 class _Progress:
