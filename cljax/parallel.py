@@ -243,10 +243,10 @@ def use_mesh(mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Iterator[Mesh]:
 
 
 def current_mesh() -> Any:
-    """The mesh of the enclosing ``use_mesh`` (abstract inside ``jit``), or None when
-    there is none or it has a single device."""
-    if _RULES.get() is None:
-        return None
+    """The mesh of the enclosing ``use_mesh`` (or ``jax.set_mesh``; abstract inside
+    ``jit``), or None when there is none or it has a single device. Read from JAX's own
+    context, which is part of every jitted function's cache key, so a function traced
+    with and without a mesh never reuses the other's compilation."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh is None or mesh.empty or math.prod(dict(mesh.shape).values()) == 1:
         return None
@@ -254,6 +254,8 @@ def current_mesh() -> Any:
 
 
 def current_rules() -> LogicalRules:
+    """The rules of the enclosing ``use_mesh`` (``DEFAULT_RULES`` under a plain
+    ``jax.set_mesh``)."""
     return _RULES.get() or DEFAULT_RULES
 
 
