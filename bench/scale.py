@@ -168,12 +168,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             # one call per matrix stack: every targeted weight and every finished basis
             # is live throughout, plus the largest call's work space
             started = time.perf_counter()
-            analyses = [c.compile().memory_analysis() for c in calls]
+            analyses = [c.compile().memory_analysis() for c in calls.values()]
             live = sum(m.argument_size_in_bytes + m.output_size_in_bytes for m in analyses)
             temp = max(m.temp_size_in_bytes for m in analyses)
             out["bases_build_peak_gib"] = round((live + temp) / GIB, 2)
             out["bases_compile_s"] = round(time.perf_counter() - started, 1)
-        infos = {k: v for c in calls for k, v in c.out_info.items()}
+        infos = {name: c.out_info["matrix"] for name, c in calls.items()}
         bases = {}
         for name, x in matrices.items():
             left_plan, right_plan = plan_widths(x.shape, np.asarray(ranks[name]))

@@ -435,14 +435,13 @@ def build_bases(
     """
     check_finite(matrices)
     mesh = parallel.array_mesh(matrices)
-    if mesh is None:
-        return _build_bases_jit(*_basis_arguments(matrices, ranks, dtype, method))
     out = {}
     with contextlib.ExitStack() as stack:
-        if parallel.current_mesh() is None:
+        if mesh is not None and parallel.current_mesh() is None:
             stack.enter_context(parallel.use_mesh(mesh))
-        for args in _stack_arguments(matrices, ranks, dtype, method):
-            out.update(_sharded_builder(args, mesh)(*args))
+        for name, args in _stack_arguments(matrices, ranks, dtype, method):
+            build = _build_bases_jit if mesh is None else _sharded_builder(args, mesh)
+            out[name] = build(*args)[_STACK]
     return out
 
 
@@ -457,56 +456,65 @@ def lower_build_bases(
     """The basis build of :func:`build_bases` for abstract ``matrices``
     (``ShapeDtypeStruct``s carrying shardings on ``mesh``), as the ``jax.stages.Lowered``
     call of each matrix stack: memory planning without the weights
-    (``.compile().memory_analysis()``)."""
+    (``.compile().memory_analysis()``). Returns ``{name: Lowered}``; each call's
+    output is ``{"matrix": SubspaceBasis}``."""
     with parallel.use_mesh(mesh):
-        return [
-            _sharded_builder(args, mesh).lower(*args)
-            for args in _stack_arguments(matrices, ranks, dtype, method)
-        ]
+        return {
+            name: _sharded_builder(args, mesh).lower(*args)
+            for name, args in _stack_arguments(matrices, ranks, dtype, method)
+        }
+
+
+# The key of the one matrix stack of a per-stack call: stacks of the same shape and
+# ranks (q, k, v, o) then share one compilation.
+_STACK = "matrix"
 
 
 def _stack_arguments(
     matrices: Mapping[str, Any], ranks: Mapping[str, Any], dtype: Any, method: BasisMethod
-) -> list[tuple[Any, ...]]:
-    """``_basis_arguments`` of each matrix stack on its own. Sharded builds run one
-    stack per call: XLA runs independent SVDs of one call side by side, so a single
-    call holds every stack's work space at once (LLaMA-2-7B, fsdp=8: 11.3 GiB per device
-    instead of about 7, ``bench/scale.py``)."""
+) -> list[tuple[str, tuple[Any, ...]]]:
+    """``(name, _basis_arguments)`` of each matrix stack on its own. Bases are built one
+    stack per call: XLA runs independent decompositions of one call side by side, so a
+    single call holds every stack's work space at once (LLaMA-2-7B, fsdp=8: 11.3 GiB
+    per device instead of about 7, ``bench/scale.py``), and on the CPU several LAPACK
+    decompositions side by side can deadlock (seen with ``gram`` on three non-square
+    stacks)."""
     missing = sorted(set(matrices) - set(ranks))
     if missing:
-        raise ValueError(f"build_bases: no rank given for {missing}")
+        raise ValueError(f"build_bases: no rank given for {missing[0]!r}")
     return [
-        _basis_arguments({name: x}, {name: ranks[name]}, dtype, method)
+        (name, _basis_arguments(name, x, ranks[name], dtype, method))
         for name, x in matrices.items()
     ]
 
 
 def _basis_arguments(
-    matrices: Mapping[str, Any], ranks: Mapping[str, Any], dtype: Any, method: BasisMethod
+    name: str, x: Any, rank: Any, dtype: Any, method: BasisMethod
 ) -> tuple[Any, ...]:
-    """Check the ranks and plan the storage: the arguments of ``_build_bases_impl``."""
+    """Check one stack's ranks (errors name it) and plan its storage: the arguments of
+    ``_build_bases_impl`` for that stack alone, keyed ``_STACK``."""
     if method not in ("svd", "gram"):
         raise ValueError(f"basis method must be 'svd' or 'gram', got {method!r}")
-    rank_arrays, lefts, rights, widths = {}, {}, {}, []
-    for name, x in matrices.items():
-        if name not in ranks:
-            raise ValueError(f"build_bases: no rank given for {name!r}")
-        stack = tuple(x.shape[:-2])
-        k = np.asarray(ranks[name])
-        if k.shape not in ((), stack):
-            raise ValueError(f"rank for {name!r} has shape {k.shape}; expected () or {stack}")
-        r = min(x.shape[-2], x.shape[-1])
-        if not np.issubdtype(k.dtype, np.integer) or k.min() < 0 or k.max() > r:
-            raise ValueError(
-                f"rank for {name!r} must be integers in [0, min(m, n)] = [0, {r}], got {k.tolist()}"
-            )
-        k = np.broadcast_to(k.astype(np.int32), stack)
-        plan_left, plan_right = plan_widths(x.shape, k)
-        rank_arrays[name] = jnp.asarray(k)
-        lefts[name] = jnp.asarray(plan_left.complement)
-        rights[name] = jnp.asarray(plan_right.complement)
-        widths.append((name, plan_left.width, plan_right.width))
-    return (dict(matrices), rank_arrays, lefts, rights, tuple(widths), jnp.dtype(dtype), method)
+    stack = tuple(x.shape[:-2])
+    k = np.asarray(rank)
+    if k.shape not in ((), stack):
+        raise ValueError(f"rank for {name!r} has shape {k.shape}; expected () or {stack}")
+    r = min(x.shape[-2], x.shape[-1])
+    if not np.issubdtype(k.dtype, np.integer) or k.min() < 0 or k.max() > r:
+        raise ValueError(
+            f"rank for {name!r} must be integers in [0, min(m, n)] = [0, {r}], got {k.tolist()}"
+        )
+    k = np.broadcast_to(k.astype(np.int32), stack)
+    plan_left, plan_right = plan_widths(x.shape, k)
+    return (
+        {_STACK: x},
+        {_STACK: jnp.asarray(k)},
+        {_STACK: jnp.asarray(plan_left.complement)},
+        {_STACK: jnp.asarray(plan_right.complement)},
+        ((_STACK, plan_left.width, plan_right.width),),
+        jnp.dtype(dtype),
+        method,
+    )
 
 
 def _sharded_builder(args: tuple[Any, ...], mesh: Any) -> Any:
