@@ -247,10 +247,14 @@ def test_float32_master_weights_take_small_updates_that_bf16_weights_lose():
         model = tiny_llama(policy=policy)
         graphdef, params = nnx.split(model)
         fn = lambda p: nnx.merge(graphdef, p).loss(ids, mask, labels, loss_mask)
-        grads = jax.grad(fn)(params)
         tx = optax.adamw(1e-6)
-        updates, _ = tx.update(grads, tx.init(params), params)
-        new = optax.apply_updates(params, updates)
+
+        @jax.jit
+        def step(params):
+            updates, _ = tx.update(jax.grad(fn)(params), tx.init(params), params)
+            return optax.apply_updates(params, updates)
+
+        new = step(params)
         moved = [
             np.mean(np.asarray(a != b))
             for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(params), strict=True)
