@@ -45,7 +45,8 @@ PEAK_BF16 = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
-# about 1.1B parameters (TinyLlama's shape): width 2048, 22 layers, GQA 32/4, SwiGLU 5632
+# about 1.1B parameters (TinyLlama's shape): width 2048, 22 layers, GQA 32/4, SwiGLU 5632;
+# "tiny" is LlamaConfig's own preset (CPU smoke runs)
 PRESETS = {
     "1b": dict(
         vocab_size=32000,
@@ -55,15 +56,6 @@ PRESETS = {
         num_attention_heads=32,
         num_key_value_heads=4,
         max_position_embeddings=4096,
-    ),
-    "tiny": dict(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
     ),
 }
 LLAMA_7B_STACKS = {  # name: (m, n), 32 layers each
@@ -96,11 +88,11 @@ def median_step_seconds(run, steps: int) -> float:
 
 
 def train_figures(args: argparse.Namespace) -> dict:
-    cfg = LlamaConfig(
-        **PRESETS[args.preset],
-        policy=DTypePolicy("float32", "bfloat16"),
-        remat=args.remat,
-    )
+    policy = DTypePolicy("float32", "bfloat16")
+    if args.preset == "tiny":
+        cfg = LlamaConfig.preset("tiny", policy=policy, remat=args.remat)
+    else:
+        cfg = LlamaConfig(**PRESETS[args.preset], policy=policy, remat=args.remat)
     data = batch(cfg, args.batch, args.seq)
     abstract = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
@@ -149,7 +141,7 @@ def basis_figures(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="1b")
+    parser.add_argument("--preset", choices=[*PRESETS, "tiny"], default="1b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
