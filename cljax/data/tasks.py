@@ -7,6 +7,9 @@ with the reference O-LoRA format::
     [Task:<type>\\nDataset:<name>\\n] + instruction + "Option: " + ", ".join(options) + " \\n"
         + sentence + "\\nAnswer:"
 
+COPA, whose sentence already states the question and the options, has neither the
+instruction nor the option line: ``[prefixes] + sentence + "\\nAnswer:"``.
+
 Unlike the reference (which fills the sentence in with ``str.format`` and silently produces a
 literal ``{0}`` when the sentence contains braces), the sentence is inserted verbatim.
 """
@@ -302,10 +305,14 @@ def build_prompt(
 def prompt_head(
     spec: DatasetSpec, *, add_task_name: bool = True, add_dataset_name: bool = True
 ) -> str:
-    """The part of every prompt of ``spec`` before the sentence (prefixes, instruction, options)."""
+    """The part of every prompt of ``spec`` before the sentence: prefixes, instruction and
+    option line (a task without an instruction, COPA, has no option line either: its
+    sentence states the options, as in the released benchmark)."""
     head = ""
     if add_task_name:
         head += "Task:" + spec.task_type + "\n"
     if add_dataset_name:
         head += "Dataset:" + spec.name + "\n"
+    if not spec.instruction:
+        return head
     return head + spec.instruction + "Option: " + ", ".join(spec.options) + " \n"

@@ -203,7 +203,6 @@ REAL_ITEMS = [
         32,
         "A",
         "Task:COPA\nDataset:COPA\n"
-        "Option: A, B \n"
         'Which sentence is the cause of "I coughed."? Choose one between A and B.\n'
         "A: I inhaled smoke.\nB: I lowered my voice."
         "\nAnswer:",
@@ -344,3 +343,12 @@ def test_spec_validation():
         tasks.DatasetSpec("x", "XX", ("a", "b"), tasks.PLAIN_TEXT)
     with pytest.raises(ValueError, match="distinct"):
         tasks.DatasetSpec("x", "SC", ("a", "a"), tasks.PLAIN_TEXT)
+
+
+def test_copa_prompt_head_has_no_option_line():
+    """The released benchmark's COPA prompt: prefixes + sentence + "\\nAnswer:"; the
+    truncation path keeps exactly this head (``prompt_head``)."""
+    spec = get_dataset("COPA")
+    assert tasks.prompt_head(spec) == "Task:COPA\nDataset:COPA\n"
+    assert tasks.prompt_head(spec, add_task_name=False, add_dataset_name=False) == ""
+    assert "Option:" in tasks.prompt_head(get_dataset("CB"))
