@@ -17,7 +17,23 @@ from cljax.distributed import StartupError
 
 
 def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
-    return config_lib.apply_overrides(config_lib.load_config(path), overrides)
+    """The config file, with the overrides checked (unknown keys, types) right away."""
+    cfg = config_lib.load_config(path)
+    config_lib.apply_overrides(cfg, overrides)
+    return cfg
+
+
+def _method_names(text: str | None) -> list[str | None]:
+    """``--methods a,b,c``: every name checked before the first method starts."""
+    if not text:
+        return [None]
+    from cljax.cl.methods import METHODS
+
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+    return names
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -26,25 +42,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cljax.cl.loop import run_experiment
 
     cfg = _load(args.config, args.overrides)
+    methods = _method_names(args.methods)
     # Before anything touches JAX's devices; a run's later initialize is then a no-op.
     distributed.initialize(
-        "on" if args.distributed else cfg.run.distributed,
+        "on" if args.distributed else config_lib.resolve(cfg, args.overrides).run.distributed,
         coordinator=args.coordinator,
         num_processes=args.num_processes,
         process_id=args.process_id,
         timeout=args.init_timeout,
     )
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else [None]
     run_dirs = []
     for method in methods:
-        one = config_lib.for_method(cfg, method)
+        overrides = list(args.overrides)
+        base_name = config_lib.resolve(cfg, overrides).run.name
         if method is not None:
-            one.run.name = f"{cfg.run.name}-{method}"
+            overrides.append(f"run.name={base_name}-{method}")
+        one = config_lib.resolve(cfg, overrides, method)
         print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
-        run_experiment(one)
+        run_experiment(cfg, overrides=overrides, method=method)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
     if len(run_dirs) > 1:
-        plot = Path(cfg.run.out_dir) / f"{cfg.run.name}-compare.png"
+        plot = Path(one.run.out_dir) / f"{base_name}-compare.png"
         print(report.compare_runs(run_dirs, plot))
         print(f"plot: {plot}")
     return 0
@@ -59,7 +77,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides) if args.config else config_lib.Config()
-    print("\n".join(config_lib.describe(cfg)))
+    if args.method or args.config:
+        # what the run will use: per-method settings applied, the command line on top
+        cfg = config_lib.resolve(cfg, args.overrides, args.method)
+    if args.json:
+        print(cfg.to_json())
+    else:
+        print("\n".join(config_lib.describe(cfg)))
     return 0
 
 
@@ -86,9 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--plot", type=Path, default=None, help="write a bar plot here")
     compare.set_defaults(func=cmd_compare)
-    show = sub.add_parser("config", help="print every config field with its documentation")
+    show = sub.add_parser(
+        "config",
+        help="print every config field with its documentation, or the resolved config of"
+        " CONFIG (per-method settings and overrides applied)",
+    )
     show.add_argument("config", nargs="?")
     show.add_argument("overrides", nargs="*")
+    show.add_argument("--method", help="resolve for this method (its per_method settings)")
+    show.add_argument("--json", action="store_true", help="the resolved config as JSON")
     show.set_defaults(func=cmd_config)
     return parser
 

@@ -265,6 +265,19 @@ def for_method(cfg: Config, name: str | None = None) -> Config:
     return cfg
 
 
+def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = None) -> Config:
+    """The config a method actually runs with. Precedence, lowest first: the defaults,
+    the config file (``cfg``), that method's ``method.per_method`` entries, the
+    command-line ``overrides`` (``section.key=value``), and ``method`` (e.g. one name of
+    ``--methods``). ``method.name`` is taken from ``method``, else from the overrides,
+    else from ``cfg``; the overrides may also edit ``method.per_method`` itself."""
+    staged = apply_overrides(cfg, overrides)
+    name = method or staged.method.name
+    resolved = apply_overrides(for_method(staged, name), overrides)
+    resolved.method.name = name
+    return resolved
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. a run's saved config.json),
     rejecting unknown sections or keys."""

@@ -1,5 +1,7 @@
 """The command line: documented config listing, clear one-line errors, compare."""
 
+from pathlib import Path
+
 import numpy as np
 
 from cljax import cli
@@ -36,3 +38,62 @@ def test_compare_prints_one_table(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[0] == "method" and len(lines) == 4
     assert lines[3].split()[:3] == ["b", "(b)", "80.00"]
+
+
+PER_METHOD_CONFIG = """
+from cljax.config import Config
+
+
+def get_config():
+    cfg = Config()
+    cfg.train.learning_rate = 1e-3
+    cfg.method.per_method = {"seqft": {"train.learning_rate": 0.002}, "osf": {"train.epochs": 3}}
+    return cfg
+"""
+
+
+def test_command_line_beats_per_method_settings(tmp_path, capsys):
+    """defaults < config file < per_method < command line."""
+    import json
+
+    from cljax.config import load_config, resolve
+
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    cfg = load_config(config)
+    assert resolve(cfg).train.learning_rate == 0.002  # per_method beats the file
+    assert resolve(cfg, ["train.learning_rate=5e-4"]).train.learning_rate == 5e-4
+    osf = resolve(cfg, ["method.name=osf", "train.epochs=2"])
+    assert (osf.method.name, osf.train.epochs, osf.train.learning_rate) == ("osf", 2, 1e-3)
+    assert cli.main(["config", str(config), "--method", "osf", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["method"]["name"] == "osf" and shown["train"]["epochs"] == 3
+
+
+def test_readme_override_example_runs_at_the_given_learning_rate(capsys):
+    import json
+
+    assert (
+        cli.main(
+            [
+                "config",
+                str(Path(__file__).resolve().parents[1] / "experiments/configs/t5_large_order1.py"),
+                "method.name=osf",
+                "train.learning_rate=2e-5",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["train"]["learning_rate"] == 2e-5
+    assert shown["method"]["options"]["rank_rule"] == "schedule"  # osf's own settings stay
+
+
+def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys):
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    assert cli.main(["run", str(config), "--methods", "seqft,osff"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) ['osff']" in err
+    assert not (tmp_path / "runs").exists()

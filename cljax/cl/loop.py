@@ -34,7 +34,7 @@ from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
 from cljax.cl.methods import Method, get_method
-from cljax.config import Config, for_method
+from cljax.config import Config, resolve
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
@@ -323,8 +323,15 @@ class ContinualRun:
     fails before training; ``run()`` trains, evaluates and writes the run directory.
     """
 
-    def __init__(self, cfg: Config, *, log: Callable[[str], None] = print):
-        cfg = for_method(cfg)
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        overrides: Sequence[str] = (),
+        method: str | None = None,
+        log: Callable[[str], None] = print,
+    ):
+        cfg = resolve(cfg, overrides, method)
         self.cfg = cfg
         distributed.initialize(cfg.run.distributed)
         # Several hosts: every process trains, only the first writes logs and files
@@ -758,6 +765,13 @@ def _tensorboard(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def run_experiment(cfg: Config, *, log: Callable[[str], None] = print):
-    """Run (or resume) the experiment of ``cfg``; returns its final metrics."""
-    return ContinualRun(cfg, log=log).run()
+def run_experiment(
+    cfg: Config,
+    *,
+    overrides: Sequence[str] = (),
+    method: str | None = None,
+    log: Callable[[str], None] = print,
+):
+    """Run (or resume) the experiment of ``cfg`` (see ``config.resolve`` for how
+    ``overrides`` and ``method`` combine with it); returns its final metrics."""
+    return ContinualRun(cfg, overrides=overrides, method=method, log=log).run()
