@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             overrides.append(f"run.name={base_name}-{method}")
         one = config_lib.resolve(cfg, overrides, method)
         print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
-        run_experiment(cfg, overrides=overrides, method=method)
+        run_experiment(cfg, overrides=overrides, method=method, restart=args.restart)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
     if len(run_dirs) > 1:
         plot = Path(one.run.out_dir) / f"{base_name}-compare.png"
@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="a Python config file defining get_config()")
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
     run.add_argument("--methods", help="comma-separated methods: one run each, then compare")
+    run.add_argument(
+        "--restart",
+        action="store_true",
+        help="clear the run directory and start over (instead of resuming it)",
+    )
     run.add_argument(
         "--distributed",
         action="store_true",

@@ -278,6 +278,53 @@ def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = Non
     return resolved
 
 
+# Keys that only lay a run out (devices, recomputation, output place) or show its
+# progress: a run may be resumed with them changed. Any other changed key refuses to
+# resume (``resume_diff``).
+RESUME_EXEMPT = (
+    "run.progress",
+    "run.checkpoint_every_steps",
+    "run.out_dir",
+    "run.mesh",
+    "run.rules",
+    "run.distributed",
+    "model.remat",
+)
+
+
+def flat_items(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (dict-valued fields are flattened too)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flat_items(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def resume_diff(saved: dict[str, Any], current: Config) -> list[str]:
+    """``key: saved -> current`` for every key that differs between a run's saved
+    config (``config.json``) and ``current``, except ``RESUME_EXEMPT`` ones."""
+
+    def comparable(data: dict[str, Any]) -> dict[str, Any]:
+        flat = flat_items(json.loads(json.dumps(data, sort_keys=True)))
+        return {
+            k: v
+            for k, v in flat.items()
+            if not any(k == e or k.startswith(e + ".") for e in RESUME_EXEMPT)
+        }
+
+    before, after = comparable(saved), comparable(current.to_dict())
+    missing = object()
+    return [
+        f"{key}: {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}"
+        for key in sorted(set(before) | set(after))
+        if before.get(key, missing) != after.get(key, missing)
+    ]
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Rebuild a Config from ``to_dict()`` output (e.g. a run's saved config.json),
     rejecting unknown sections or keys."""

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
 from cljax.cl.methods import Method, get_method
-from cljax.config import Config, resolve
+from cljax.config import RESUME_EXEMPT, Config, resolve, resume_diff
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
@@ -47,6 +48,10 @@ PyTree = Any
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or inf loss; the run's last good checkpoint is kept."""
+
+
+class ConfigChangedError(ValueError):
+    """A run directory holds a run of another config; resuming would mix the two."""
 
 
 # --------------------------------------------------------------------------- data
@@ -329,10 +334,12 @@ class ContinualRun:
         *,
         overrides: Sequence[str] = (),
         method: str | None = None,
+        restart: bool = False,
         log: Callable[[str], None] = print,
     ):
         cfg = resolve(cfg, overrides, method)
         self.cfg = cfg
+        self.restart = restart
         distributed.initialize(cfg.run.distributed)
         # Several hosts: every process trains, only the first writes logs and files
         # (orbax checkpoints are written by all of them together).
@@ -468,7 +475,7 @@ class ContinualRun:
     def run(self) -> report.ContinualMetrics | None:
         """Train through the order (resuming if the run directory has a checkpoint) and
         write the outputs; returns the final metrics."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._claim_run_dir()
         if self.main_process:
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
             data_info = {
@@ -488,6 +495,34 @@ class ContinualRun:
         if metrics is not None:
             self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
         return metrics
+
+    def _claim_run_dir(self) -> None:
+        """Make the run directory this config's: a directory holding a checkpoint of
+        another config is refused with the changed keys (``config.resume_diff``), unless
+        ``restart`` clears it first; one without a checkpoint starts afresh."""
+        saved_config = self.run_dir / "config.json"
+        checkpoints = self.run_dir / "checkpoints"
+        if self.restart and self.run_dir.exists():
+            if self.main_process:
+                self.log(f"--restart: clearing {self.run_dir}")
+                shutil.rmtree(self.run_dir)
+            _sync("cljax_restart")
+        has_checkpoint = checkpoints.is_dir() and any(
+            p.name.isdigit() for p in checkpoints.iterdir()
+        )
+        if has_checkpoint and saved_config.is_file():
+            changed = resume_diff(json.loads(saved_config.read_text()), self.cfg)
+            if changed:
+                raise ConfigChangedError(
+                    f"{self.run_dir} holds a run of another config; changed: "
+                    + "; ".join(changed)
+                    + ". Start it over with --restart (restart=True), or name a new run"
+                    f" (run.name=...). Keys that may change on resume: {', '.join(RESUME_EXEMPT)}"
+                )
+        elif self.main_process and (self.run_dir / "metrics.jsonl").exists():
+            # nothing to resume: the log of an attempt that never checkpointed is stale
+            (self.run_dir / "metrics.jsonl").unlink()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _run(self, ckpt: RunCheckpointer) -> report.ContinualMetrics | None:
         names, method = self.data.names, self.method
@@ -759,6 +794,14 @@ def _silent(_: str) -> None:
     pass
 
 
+def _sync(name: str) -> None:
+    """Wait for every process of a multi-host run (no-op on one)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _tensorboard(run_dir: Path) -> Any:
     from tensorboardX import SummaryWriter
 
@@ -770,8 +813,10 @@ def run_experiment(
     *,
     overrides: Sequence[str] = (),
     method: str | None = None,
+    restart: bool = False,
     log: Callable[[str], None] = print,
 ):
     """Run (or resume) the experiment of ``cfg`` (see ``config.resolve`` for how
-    ``overrides`` and ``method`` combine with it); returns its final metrics."""
-    return ContinualRun(cfg, overrides=overrides, method=method, log=log).run()
+    ``overrides`` and ``method`` combine with it); ``restart`` clears the run directory
+    first. Returns the final metrics."""
+    return ContinualRun(cfg, overrides=overrides, method=method, restart=restart, log=log).run()

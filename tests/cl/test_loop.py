@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -356,3 +357,27 @@ def test_osf_freeze_trains_only_the_targets(tmp_path):
         loop.ContinualRun(
             tiny_config(tmp_path, "llama", "osf", "method.options.untargeted=frz"), log=_quiet
         )
+
+
+def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
+    cfg = tiny_config(tmp_path, "llama", "seqft")
+    first = loop.run_experiment(cfg, log=_quiet)
+    saved = (tmp_path / cfg.run.name / "config.json").read_text()
+    for overrides, shown in (
+        (["train.seed=7", "data.seed=7"], "train.seed: 42 -> 7"),
+        (["data.order=sentiment,topic"], "data.order: 'topic,sentiment' -> 'sentiment,topic'"),
+        (["method.name=osf"], "method.name: 'seqft' -> 'osf'"),
+    ):
+        with pytest.raises(loop.ConfigChangedError, match=re.escape(shown)):
+            loop.run_experiment(cfg, overrides=overrides, log=_quiet)
+        # the saved config is untouched by a refused attempt
+        assert (tmp_path / cfg.run.name / "config.json").read_text() == saved
+    # layout and progress keys may change: the finished run is simply reported again
+    again = loop.run_experiment(
+        cfg, overrides=["run.progress=True", "run.checkpoint_every_steps=5"], log=_quiet
+    )
+    assert again.average_accuracy == first.average_accuracy
+    loop.run_experiment(cfg, overrides=["train.seed=7"], restart=True, log=_quiet)
+    assert json.loads((tmp_path / cfg.run.name / "config.json").read_text())["train"]["seed"] == 7
+    steps = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
+    assert [s["step"] for s in steps] == [1, 2, 1, 2]  # only the restarted run's log
