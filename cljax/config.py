@@ -20,18 +20,46 @@ from pathlib import Path
 from typing import Any
 
 
-def field(default: Any, doc: str) -> Any:
-    """A dataclass field with a documentation string (shown by ``describe``)."""
+def field(
+    default: Any,
+    doc: str,
+    *,
+    choices: Sequence[Any] | None = None,
+    minimum: float | None = None,
+    positive: bool = False,
+) -> Any:
+    """A dataclass field with a documentation string (shown by ``describe``) and the
+    values it accepts (``choices``, ``minimum`` inclusive, ``positive``), checked by
+    ``validate`` before any work."""
+    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "positive": positive}
     if isinstance(default, dict | list):
-        return dataclasses.field(
-            default_factory=lambda: type(default)(default), metadata={"doc": doc}
-        )
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Section:
+    """A config section: setting a field it does not have (``c.train.batchsize = 4`` in
+    a config file) is an error naming the key, not a silently ignored attribute."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        names = [f.name for f in dataclasses.fields(self)]
+        if name not in names:
+            section = type(self).__name__.removesuffix("Config").lower()
+            key = f"{section}.{name}" if section else name
+            raise AttributeError(f"unknown config key '{key}'; valid: {names}")
+        super().__setattr__(name, value)
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    family: str = field("llama", "model family: 'llama' (decoder-only) or 't5' (encoder-decoder)")
+class ModelConfig(_Section):
+    family: str = field(
+        "llama",
+        "model family: 'llama' (decoder-only) or 't5' (encoder-decoder)",
+        choices=("llama", "t5"),
+    )
     preset: str = field("tiny", "shape preset of the family (e.g. tiny, llama-2-7b, t5-large)")
     checkpoint: str = field("", "Hugging Face checkpoint directory; empty = random init")
     overrides: dict = field({}, "preset fields replaced, e.g. {'hidden_size': 128}")
@@ -39,18 +67,24 @@ class ModelConfig:
         "float32",
         "parameter storage dtype: float32 | bfloat16 (keep float32 to train: bf16"
         " weights swallow updates smaller than 1/256 of their value)",
+        choices=DTYPES,
     )
-    compute_dtype: str = field("float32", "matmul dtype: float32 | bfloat16")
+    compute_dtype: str = field("float32", "matmul dtype: float32 | bfloat16", choices=DTYPES)
     remat: str = field(
         "none",
         "recompute layer activations in the backward pass: none | full | dots (keep matmul"
         " outputs) | dots_no_batch (keep only weight matmuls)",
+        choices=("none", "full", "dots", "dots_no_batch"),
     )
 
 
 @dataclasses.dataclass
-class DataConfig:
-    source: str = field("synthetic", "'synthetic' (built in), 'json' (benchmark dir) or 'tfds'")
+class DataConfig(_Section):
+    source: str = field(
+        "synthetic",
+        "'synthetic' (built in), 'json' (benchmark dir) or 'tfds'",
+        choices=("synthetic", "json", "tfds"),
+    )
     data_dir: str = field("", "benchmark root for json/tfds; empty = $CLJAX_DATA_DIR")
     tfds_data_dir: str = field("", "where TFDS shards are built and read (source='tfds')")
     order: str = field(
@@ -59,25 +93,37 @@ class DataConfig:
         "synthetic: comma-separated task kinds",
     )
     tokenizer: str = field("bpe", "'bpe' (trained on the tasks, cached) or an HF tokenizer dir")
-    tokenizer_vocab_size: int = field(512, "vocabulary of the 'bpe' tokenizer")
-    train_per_class: int = field(0, "training examples kept per class (0 = all), seeded")
-    test_per_class: int = field(0, "test examples kept per class (0 = all), seeded")
+    tokenizer_vocab_size: int = field(512, "vocabulary of the 'bpe' tokenizer", positive=True)
+    train_per_class: int = field(0, "training examples kept per class (0 = all), seeded", minimum=0)
+    test_per_class: int = field(0, "test examples kept per class (0 = all), seeded", minimum=0)
     holdout_fraction: float = field(
-        0.0, "carve a stratified test split of this fraction where one is missing (0 = error)"
+        0.0,
+        "carve a stratified test split of this fraction where one is missing (0 = error)",
+        minimum=0,
     )
-    invalid_labels: str = field("exclude", "items whose label is no option: exclude|error|keep")
-    max_source_length: int = field(512, "prompt tokens kept (the trailing 'Answer:' always kept)")
-    max_target_length: int = field(50, "label tokens kept")
+    invalid_labels: str = field(
+        "exclude",
+        "items whose label is no option: exclude|error|keep",
+        choices=("exclude", "error", "keep"),
+    )
+    max_source_length: int = field(
+        512, "prompt tokens kept (the trailing 'Answer:' always kept)", positive=True
+    )
+    max_target_length: int = field(50, "label tokens kept", positive=True)
     length_buckets: list = field(
         [], "padded sequence lengths allowed (fewer = fewer compiles); [] = powers of two"
     )
-    truncation: str = field("keep_answer", "'keep_answer' or 'release' (cuts 'Answer:' off)")
+    truncation: str = field(
+        "keep_answer",
+        "'keep_answer' or 'release' (cuts 'Answer:' off)",
+        choices=("keep_answer", "release"),
+    )
     task_prefix: bool = field(True, "prefix prompts with 'Task:' and 'Dataset:' lines")
     seed: int = field(42, "seed of subsampling, held-out splits, synthetic tasks, shuffling")
 
 
 @dataclasses.dataclass
-class MethodConfig:
+class MethodConfig(_Section):
     name: str = field("seqft", "continual method (see cljax.cl.methods.METHODS)")
     options: dict = field({}, "method hyperparameters overriding its defaults")
     per_method: dict = field(
@@ -88,40 +134,53 @@ class MethodConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig:
-    epochs: int = field(1, "epochs per task")
-    max_steps_per_task: int = field(0, "stop a task after this many optimizer steps (0 = no cap)")
-    batch_size: int = field(8, "examples per micro-batch (global, over all devices)")
-    grad_accum_steps: int = field(1, "micro-batches per optimizer step")
+class TrainConfig(_Section):
+    epochs: int = field(1, "epochs per task", positive=True)
+    max_steps_per_task: int = field(
+        0, "stop a task after this many optimizer steps (0 = no cap)", minimum=0
+    )
+    batch_size: int = field(8, "examples per micro-batch (global, over all devices)", positive=True)
+    grad_accum_steps: int = field(1, "micro-batches per optimizer step", positive=True)
     effective_batch_size: int = field(
         0,
         "examples per optimizer step; when set, batch_size = per_device_batch_size x the"
         " data-parallel devices and grad_accum_steps = the rest (0 = use those two as given)",
+        minimum=0,
     )
     per_device_batch_size: int = field(
-        1, "rows per device in a micro-batch (with effective_batch_size)"
+        1, "rows per device in a micro-batch (with effective_batch_size)", positive=True
     )
-    learning_rate: float = field(1e-3, "peak learning rate")
-    schedule: str = field("constant", "learning-rate schedule: constant | linear | cosine")
-    warmup_steps: int = field(0, "linear warm-up steps at the start of each task")
-    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)")
-    clip_norm: float = field(1.0, "global gradient-norm clip (0 = off)")
+    learning_rate: float = field(1e-3, "peak learning rate", positive=True)
+    schedule: str = field(
+        "constant",
+        "learning-rate schedule: constant | linear | cosine",
+        choices=("constant", "linear", "cosine"),
+    )
+    warmup_steps: int = field(0, "linear warm-up steps at the start of each task", minimum=0)
+    weight_decay: float = field(0.0, "decoupled weight decay (AdamW)", minimum=0)
+    clip_norm: float = field(1.0, "global gradient-norm clip (0 = off)", minimum=0)
     seed: int = field(42, "seed of initialisation and dropout")
 
 
 @dataclasses.dataclass
-class EvalConfig:
-    mode: str = field("generate", "'generate' (greedy + exact match) or 'rank' (option scoring)")
-    batch_size: int = field(32, "evaluation batch size")
-    max_new_tokens: int = field(50, "greedy decoding budget")
+class EvalConfig(_Section):
+    mode: str = field(
+        "generate",
+        "'generate' (greedy + exact match) or 'rank' (option scoring)",
+        choices=("generate", "rank"),
+    )
+    batch_size: int = field(32, "evaluation batch size", positive=True)
+    max_new_tokens: int = field(50, "greedy decoding budget", positive=True)
     all_tasks: bool = field(True, "evaluate unseen tasks too (gives forward transfer)")
 
 
 @dataclasses.dataclass
-class RunConfig:
+class RunConfig(_Section):
     name: str = field("run", "run name (used in the output directory)")
     out_dir: str = field("runs", "parent of the run directory")
-    checkpoint_every_steps: int = field(100, "save a mid-task checkpoint every N steps (0 = off)")
+    checkpoint_every_steps: int = field(
+        100, "save a mid-task checkpoint every N steps (0 = off)", minimum=0
+    )
     mesh: dict = field({}, "mesh axis sizes, e.g. {'data': -1} (default: data parallel)")
     rules: dict = field(
         {},
@@ -133,11 +192,12 @@ class RunConfig:
         "auto",
         "multi-host start-up (jax.distributed.initialize): auto (when a TPU pod / SLURM /"
         " Open MPI job or $CLJAX_COORDINATOR_ADDRESS shows several hosts) | on | off",
+        choices=("auto", "on", "off"),
     )
 
 
 @dataclasses.dataclass
-class Config:
+class Config(_Section):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
@@ -265,6 +325,26 @@ def for_method(cfg: Config, name: str | None = None) -> Config:
     return cfg
 
 
+def validate(cfg: Config) -> Config:
+    """Check every field's value against its declared choices and range, and the run's
+    cross-field facts; the error names the config key. Returns ``cfg``."""
+    for section in dataclasses.fields(cfg):
+        node = getattr(cfg, section.name)
+        for f in dataclasses.fields(node):
+            key, value, meta = f"{section.name}.{f.name}", getattr(node, f.name), f.metadata
+            if meta.get("choices") is not None and value not in meta["choices"]:
+                raise ValueError(f"{key}={value!r}; valid: {', '.join(map(str, meta['choices']))}")
+            if meta.get("positive") and not value > 0:
+                raise ValueError(f"{key}={value!r} must be > 0")
+            if meta.get("minimum") is not None and not value >= meta["minimum"]:
+                raise ValueError(f"{key}={value!r} must be >= {meta['minimum']}")
+    if not [n for n in cfg.data.order.split(",") if n.strip()]:
+        raise ValueError("data.order is empty: name an order (order1..order6) or tasks")
+    if not 0 <= cfg.data.holdout_fraction < 1:
+        raise ValueError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
+    return cfg
+
+
 def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = None) -> Config:
     """The config a method actually runs with. Precedence, lowest first: the defaults,
     the config file (``cfg``), that method's ``method.per_method`` entries, the
@@ -275,7 +355,7 @@ def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = Non
     name = method or staged.method.name
     resolved = apply_overrides(for_method(staged, name), overrides)
     resolved.method.name = name
-    return resolved
+    return validate(resolved)
 
 
 # Keys that only lay a run out (devices, recomputation, output place) or show its

@@ -73,3 +73,46 @@ def test_per_method_settings_apply_to_that_method_only():
     cfg.method.per_method = {"osf": {"train.lr": 1.0}}
     with pytest.raises(KeyError, match="train.lr"):
         cfgmod.for_method(cfg, "osf")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.learning_rate=0", "train.learning_rate=0.0 must be > 0"),
+        ("train.epochs=0", "train.epochs=0 must be > 0"),
+        ("train.batch_size=0", "train.batch_size=0 must be > 0"),
+        ("train.grad_accum_steps=0", "train.grad_accum_steps=0 must be > 0"),
+        ("train.clip_norm=-1", "train.clip_norm=-1.0 must be >= 0"),
+        ("train.warmup_steps=-2", "train.warmup_steps=-2 must be >= 0"),
+        ("run.checkpoint_every_steps=-1", "run.checkpoint_every_steps=-1 must be >= 0"),
+        ("eval.batch_size=0", "eval.batch_size=0 must be > 0"),
+        ("data.order=' , '", "data.order is empty"),
+        ("eval.mode=greedy", "eval.mode='greedy'; valid: generate, rank"),
+        ("data.source=csv", "data.source='csv'; valid: synthetic, json, tfds"),
+        ("train.schedule=step", "train.schedule='step'; valid: constant, linear, cosine"),
+        ("data.truncation=cut", "data.truncation='cut'; valid: keep_answer, release"),
+        ("data.invalid_labels=drop", "data.invalid_labels='drop'; valid: exclude, error, keep"),
+        ("model.family=gpt", "model.family='gpt'; valid: llama, t5"),
+        ("model.remat=all", "model.remat='all'; valid: none, full, dots, dots_no_batch"),
+        ("data.holdout_fraction=1.5", "data.holdout_fraction=1.5 must be in [0, 1)"),
+    ],
+)
+def test_bad_run_values_are_named_before_any_work(override, message):
+    with pytest.raises(ValueError) as err:
+        cfgmod.resolve(cfgmod.Config(), [override])
+    assert message in str(err.value)
+
+
+def test_config_file_setting_an_unknown_attribute_is_named(tmp_path):
+    path = tmp_path / "exp.py"
+    path.write_text(
+        "from cljax.config import Config\n"
+        "def get_config():\n"
+        "    c = Config()\n"
+        "    c.train.batchsize = 4\n"
+        "    return c\n"
+    )
+    with pytest.raises(AttributeError, match="unknown config key 'train.batchsize'"):
+        cfgmod.load_config(path)
+    with pytest.raises(AttributeError, match="unknown config key 'trian'"):
+        cfgmod.Config().trian = 1
