@@ -163,28 +163,56 @@ def plot_run(run_dir: Path) -> list[Path]:
     return paths
 
 
+def final_accuracies(
+    records: Sequence[tuple[Path, dict[str, Any]]],
+) -> tuple[list[str], np.ndarray]:
+    """The tasks (the first run's order) and each run's final accuracy per task,
+    ``(runs, tasks)``, aligned by task name. Runs on different sets of tasks cannot be
+    compared: the error lists each run's tasks."""
+    tasks = list(records[0][1]["tasks"])
+    if any(sorted(rec["tasks"]) != sorted(tasks) for _, rec in records):
+        listing = "; ".join(f"{d.name}: {', '.join(rec['tasks'])}" for d, rec in records)
+        raise ValueError(f"cannot compare runs on different tasks ({listing})")
+    final = np.full((len(records), len(tasks)), np.nan)
+    for k, (_, rec) in enumerate(records):
+        if rec["tasks_done"]:
+            row = np.asarray(rec["accuracy"][rec["tasks_done"] - 1], np.float64)
+            column = {name: i for i, name in enumerate(rec["tasks"])}
+            final[k] = [row[column[name]] for name in tasks]
+    return tasks, final
+
+
 def compare_runs(run_dirs: Sequence[Path], plot_path: Path | None = None) -> str:
     """One table (runs x AA / BWT / FWT / forgetting) over several run directories, and
-    optionally a bar plot of the final per-task accuracies."""
+    optionally a bar plot of the final per-task accuracies, aligned by task name (runs
+    on different tasks are refused). Bars are labelled ``method (run directory)``."""
     records = [(Path(d), read_accuracy(Path(d))) for d in run_dirs]
     rows = [(f"{rec['method']} ({d.name})", rec.get("metrics")) for d, rec in records]
+    tasks, final = final_accuracies(records)
     if plot_path is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        tasks = records[0][1]["tasks"]
+        # tab10, or tab20 beyond 10 runs: distinct colours for up to 20 runs
+        cmap = plt.get_cmap("tab10" if len(records) <= 10 else "tab20")
         width = 0.8 / len(records)
-        fig, ax = plt.subplots(figsize=(1.5 + 1.2 * len(tasks), 4))
-        for k, (_, rec) in enumerate(records):
-            final = rec["accuracy"][rec["tasks_done"] - 1] if rec["tasks_done"] else []
-            ax.bar(np.arange(len(final)) + k * width, final, width, label=rec["method"])
+        fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(tasks), 4.5))
+        for k, (name, _) in enumerate(rows):
+            ax.bar(
+                np.arange(len(tasks)) + k * width,
+                np.nan_to_num(final[k]),
+                width,
+                label=name,
+                color=cmap(k % cmap.N),
+            )
         ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=45, ha="right")
         ax.set_ylabel("final accuracy (%)")
         ax.set_ylim(0, 100)
-        ax.legend(fontsize=8)
+        ax.set_title(f"Final accuracy per task, {len(records)} runs")
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
         fig.tight_layout()
-        fig.savefig(plot_path, dpi=100)
+        fig.savefig(plot_path, dpi=100, bbox_inches="tight")  # keeps the outside legend
         plt.close(fig)
     return metrics_table(rows)

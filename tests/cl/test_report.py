@@ -57,3 +57,27 @@ def test_joint_run_writes_one_row(tmp_path):
     rows = (tmp_path / "mtl" / "accuracy.csv").read_text().splitlines()
     assert rows[1] == "all tasks,70.00,80.00,90.00"
     assert all(p.stat().st_size > 1000 for p in report.plot_run(tmp_path / "mtl"))
+
+
+def _finished(root, name, tasks, final):
+    run = root / name
+    run.mkdir()
+    acc = np.full((len(tasks), len(tasks)), 50.0)
+    acc[-1] = final
+    report.write_accuracy(run, method=name.split("-")[0], tasks=tasks, accuracy=acc)
+    return run
+
+
+def test_compare_aligns_runs_by_task_name_and_refuses_different_tasks(tmp_path):
+    a = _finished(tmp_path, "seqft-a", ["agnews", "amazon"], [10.0, 20.0])
+    b = _finished(tmp_path, "seqft-b", ["amazon", "agnews"], [30.0, 40.0])
+    records = [(d, report.read_accuracy(d)) for d in (a, b)]
+    tasks, final = report.final_accuracies(records)
+    assert tasks == ["agnews", "amazon"]
+    np.testing.assert_array_equal(final, [[10.0, 20.0], [40.0, 30.0]])
+    plot = tmp_path / "compare.png"
+    table = report.compare_runs([a, b], plot)
+    assert plot.is_file() and "seqft (seqft-a)" in table and "seqft (seqft-b)" in table
+    c = _finished(tmp_path, "osf-c", ["topic", "sentiment"], [1.0, 2.0])
+    with pytest.raises(ValueError, match="different tasks .*seqft-a: agnews, amazon.*osf-c: topic"):
+        report.compare_runs([a, c], plot)
