@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cljax import config as config_lib
-from cljax.distributed import StartupError
+from cljax.errors import CljaxError
 
 
 def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
@@ -89,6 +89,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cljax", description=__doc__.split("\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a continual experiment")
     run.add_argument("config", help="a Python config file defining get_config()")
@@ -130,8 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug anywhere on the line (`cljax run CFG --debug`), not only before the command
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     # Overrides may come after options (`run CFG --methods a,b key=value`).
     args, extra = parser.parse_known_args(argv)
+    args.debug = debug
     stray = [
         a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")
     ]
@@ -142,13 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (
+        CljaxError,
         KeyError,
         ValueError,
         FileNotFoundError,
         AttributeError,
         TypeError,
-        StartupError,
     ) as err:
+        if args.debug:
+            raise
         # Configuration and input errors: one clear line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"cljax: error: {message}", file=sys.stderr)

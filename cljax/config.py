@@ -101,6 +101,12 @@ class DataConfig(_Section):
         "carve a stratified test split of this fraction where one is missing (0 = error)",
         minimum=0,
     )
+    missing: str = field(
+        "error",
+        "a dataset of the order without its files: error | skip (left out of the order,"
+        " listed in data.json and printed)",
+        choices=("error", "skip"),
+    )
     invalid_labels: str = field(
         "exclude",
         "items whose label is no option: exclude|error|keep",

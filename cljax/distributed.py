@@ -27,11 +27,9 @@ from collections.abc import Mapping
 
 import jax
 
+from cljax.errors import StartupError
+
 MODES = ("auto", "on", "off")
-
-
-class StartupError(RuntimeError):
-    """The processes of a multi-host run could not connect."""
 
 
 def cluster_detected(env: Mapping[str, str] | None = None) -> bool:

@@ -97,3 +97,13 @@ def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unknown method(s) ['osff']" in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    import pytest
+
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    with pytest.raises(ValueError, match="train.epochs=0 must be > 0"):
+        cli.main(["run", str(config), "train.epochs=0", "--debug"])
+    assert cli.main(["run", str(config), "train.epochs=0"]) == 2

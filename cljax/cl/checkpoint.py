@@ -17,7 +17,26 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cljax.errors import CljaxError
+
 PyTree = Any
+
+
+class CheckpointError(CljaxError, ValueError):
+    """A checkpoint that does not fit the run (a leaf missing or of another shape)."""
+
+
+class CorruptCheckpointError(CljaxError, RuntimeError):
+    """A checkpoint whose files cannot be read (truncated array file, broken record)."""
+
+    def __init__(self, step: int, path: Path, cause: BaseException):
+        # the first line of the cause, without tensorstore's long spec
+        reason = (
+            str(cause).split(" [tensorstore_spec")[0].splitlines()[0][:300] if str(cause) else ""
+        )
+        super().__init__(f"checkpoint {path} is unreadable: {type(cause).__name__}: {reason}")
+        self.step = step
+        self.path = path
 
 
 def _flat(tree: PyTree) -> tuple[dict[str, Any], list[Any], Any]:
@@ -54,8 +73,15 @@ class RunCheckpointer:
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        # Handlers named up front, so that a new manager (a restarted run) can read a
+        # step's metadata (saved shapes) before restoring it.
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "record")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "record": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -71,31 +97,72 @@ class RunCheckpointer:
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def step_path(self, step: int) -> Path:
+        return self.directory / str(step)
+
     def read_record(self, step: int | None = None) -> dict[str, Any]:
         """The JSON record of a checkpoint (default: latest), without its arrays."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
-        )
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
+            )
+        except Exception as err:  # orbax raises many kinds for broken files
+            raise CorruptCheckpointError(step, self.step_path(step), err) from err
         return restored["record"]
 
     def restore(self, like: PyTree, step: int | None = None) -> tuple[PyTree, dict[str, Any]]:
         """Restore the checkpoint at ``step`` (default: latest) into arrays shaped,
-        typed and sharded like ``like``."""
+        typed and sharded like ``like``. A leaf that the checkpoint lacks or holds in
+        another shape is named (``CheckpointError``); unreadable files raise
+        ``CorruptCheckpointError``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        path = self.step_path(step)
         named, leaves, treedef = _flat(like)
+        try:
+            saved = self._manager.item_metadata(step)["state"].tree
+        except Exception as err:
+            raise CorruptCheckpointError(step, path, err) from err
+        for name, leaf in named.items():
+            if name not in saved:
+                raise CheckpointError(
+                    f"checkpoint {path} has no array {name!r} (the run's structure changed?)"
+                )
+            if tuple(saved[name].shape) != tuple(np.shape(leaf)):
+                raise CheckpointError(
+                    f"checkpoint {path}: {name!r} was saved with shape {tuple(saved[name].shape)}"
+                    f" but the run expects {tuple(np.shape(leaf))}"
+                )
         target = {name: _abstract(leaf) for name, leaf in named.items()}
         args = ocp.args.Composite(
             state=ocp.args.StandardRestore(target), record=ocp.args.JsonRestore()
         )
-        restored = self._manager.restore(step, args=args)
+        try:
+            restored = self._manager.restore(step, args=args)
+        except Exception as err:
+            raise CorruptCheckpointError(step, path, err) from err
         values = iter(restored["state"][name] for name in named)
         rebuilt = [next(values) if np.size(leaf) else leaf for leaf in leaves]
         return jax.tree_util.tree_unflatten(treedef, rebuilt), restored["record"]
+
+    def set_aside(self, step: int) -> Path:
+        """Move an unreadable checkpoint out of the run's steps (kept for inspection as
+        ``corrupt-<step>``); the previous one becomes the latest."""
+        target = self.directory / f"corrupt-{step}"
+        n = 1
+        while target.exists():  # set aside before, then written again and broken again
+            n += 1
+            target = self.directory / f"corrupt-{step}-{n}"
+        self.step_path(step).rename(target)
+        self._manager.reload()
+        return target
 
     def close(self) -> None:
         self._manager.wait_until_finished()

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,13 +33,15 @@ from flax import nnx
 from cljax import distributed, parallel
 from cljax.cl import report
 from cljax.cl.backbone import Family, get_family
-from cljax.cl.checkpoint import RunCheckpointer
+from cljax.cl.checkpoint import CorruptCheckpointError, RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
 from cljax.cl.methods import Method, get_method
 from cljax.config import RESUME_EXEMPT, Config, resolve, resume_diff
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
+from cljax.data.tasks import get_dataset, get_order
+from cljax.errors import CljaxError, ConfigChangedError, NonFiniteLossError, RunLockedError
 from cljax.models import lora
 from cljax.models.layers import check_remat
 from cljax.optim.regularizers import fisher_diagonal, stack_batches
@@ -46,12 +49,62 @@ from cljax.optim.regularizers import fisher_diagonal, stack_batches
 PyTree = Any
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or inf loss; the run's last good checkpoint is kept."""
+class RunLock:
+    """``<run dir>/.lock``: one process at a time writes a run directory. The file names
+    its holder (host, PID); a lock whose process is gone (same host, dead PID) is taken
+    over with a warning. Taken by the first process of a multi-host run only."""
 
+    def __init__(self, run_dir: Path, log: Callable[[str], None]):
+        self.path = run_dir / ".lock"
+        self.log = log
+        self.held = False
 
-class ConfigChangedError(ValueError):
-    """A run directory holds a run of another config; resuming would mix the two."""
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is not None and not self._stale(holder, me["host"]):
+                    raise RunLockedError(
+                        f"{self.path.parent} is being written by process {holder['pid']} on"
+                        f" {holder['host']} (lock {self.path}); wait for it to end, or delete"
+                        " the lock file if that process is gone"
+                    ) from None
+                self.log(f"warning: taking over the stale lock {self.path} ({holder})")
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return
+        raise RunLockedError(f"could not take the lock {self.path}")
+
+    def _holder(self) -> dict[str, Any] | None:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if {"host", "pid"} <= set(holder) else None
+        except (OSError, ValueError):
+            return None  # unreadable: left by a process killed while writing it
+
+    @staticmethod
+    def _stale(holder: dict[str, Any], host: str) -> bool:
+        if holder["host"] != host:
+            return False  # cannot tell whether a process on another host lives
+        try:
+            os.kill(int(holder["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
 
 
 # --------------------------------------------------------------------------- data
@@ -66,12 +119,14 @@ class Benchmark:
     test: tuple[EncodedSplit, ...]
     tokenizer: TextTokenizer
     metadata: tuple[dict[str, Any], ...]
+    skipped: tuple[dict[str, str], ...] = ()  # datasets left out (data.missing=skip)
 
 
 def load_benchmark_data(cfg: Config) -> Benchmark:
     """Read (or generate) the tasks, load or train the tokenizer, tokenize every split."""
     data = cfg.data
     names = tuple(n.strip() for n in data.order.split(",") if n.strip())
+    skipped: list[dict[str, str]] = []
     if data.source == "synthetic":
         defaults = SyntheticConfig()
         tasks = synthetic_benchmark(
@@ -94,7 +149,19 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
             invalid_labels=data.invalid_labels,
         )
         single = len(names) == 1 and names[0].startswith("order")
-        tasks = sources.load_benchmark(names[0] if single else names, source_cfg)
+        names = get_order(names[0]) if single else names
+        for name in names:  # every name checked before any file is read
+            get_dataset(name)
+        tasks = []
+        for name in names:
+            try:
+                tasks.append(sources.load_task(name, source_cfg))
+            except FileNotFoundError as err:
+                if data.missing != "skip":
+                    raise
+                skipped.append({"dataset": name, "reason": str(err)})
+        if not tasks:
+            raise FileNotFoundError(f"data.missing=skip left no dataset of {data.order!r}")
     else:
         raise ValueError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
     if data.tokenizer == "bpe":
@@ -120,6 +187,7 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         test=tuple(encode(t, t.test) for t in tasks),
         tokenizer=tokenizer,
         metadata=tuple(t.metadata for t in tasks),
+        skipped=tuple(skipped),
     )
 
 
@@ -347,15 +415,7 @@ class ContinualRun:
         self.log = log if self.main_process else _silent
         self.run_dir = Path(cfg.run.out_dir) / cfg.run.name
         self.family = get_family(cfg.model.family)
-        self.method = get_method(
-            cfg.method.name,
-            dict(cfg.method.options),
-            self.family,
-            weight_decay=cfg.train.weight_decay,
-            seed=cfg.train.seed,
-        )
-        if cfg.eval.mode not in ("generate", "rank"):
-            raise ValueError(f"eval.mode={cfg.eval.mode!r}; valid: generate, rank")
+        self.method = self._new_method()  # checks the method's name and options now
         self.rules = parallel.rules_with(cfg.run.rules)
         check_remat("model.remat", cfg.model.remat)
         self.mesh = parallel.make_mesh(dict(cfg.run.mesh) or None)
@@ -363,12 +423,9 @@ class ContinualRun:
             cfg, parallel.data_parallel_size(self.mesh, self.rules)
         )
         self.data = load_benchmark_data(cfg)
-        self.rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
-        self.model, self.model_cfg = self.family.build(
-            cfg.model, self.data.tokenizer, self.rngs, self.mesh, self.rules
-        )
-        self.method.setup(self.model, self.rngs)
-        parallel.shard_module(self.model, self.mesh, self.rules)
+        for entry in self.data.skipped:
+            self.log(f"data.missing=skip: left out {entry['dataset']} ({entry['reason']})")
+        self._build_state()
         self.phases = 1 if self.method.joint else len(self.data.names)
         self.batch_config = BatchConfig(
             format=self.family.format,
@@ -393,6 +450,29 @@ class ContinualRun:
             process_count=processes,
         )
         self._check_buckets()
+        self._purge_step: int | None = None  # set when resuming (``_drop_log_after``)
+
+    def _new_method(self) -> Method:
+        cfg = self.cfg
+        return get_method(
+            cfg.method.name,
+            dict(cfg.method.options),
+            self.family,
+            weight_decay=cfg.train.weight_decay,
+            seed=cfg.train.seed,
+        )
+
+    def _build_state(self) -> None:
+        """The model (initialised or loaded, sharded) and the method's structure, as
+        before any training: built again when a resume falls back to an older
+        checkpoint, since a failed restore may have changed them."""
+        cfg = self.cfg
+        self.rngs = nnx.Rngs(params=cfg.train.seed, dropout=cfg.train.seed + 1)
+        self.model, self.model_cfg = self.family.build(
+            cfg.model, self.data.tokenizer, self.rngs, self.mesh, self.rules
+        )
+        self.method.setup(self.model, self.rngs)
+        parallel.shard_module(self.model, self.mesh, self.rules)
         self._rank_fns: dict[Any, Callable] = {}
         self._steps_cache: dict[Any, tuple[optax.GradientTransformation, Callable, Any]] = {}
 
@@ -475,6 +555,36 @@ class ContinualRun:
     def run(self) -> report.ContinualMetrics | None:
         """Train through the order (resuming if the run directory has a checkpoint) and
         write the outputs; returns the final metrics."""
+        lock = RunLock(self.run_dir, self.log)
+        if self.main_process:
+            lock.acquire()
+        try:
+            while True:
+                try:
+                    return self._locked_run()
+                except CorruptCheckpointError as err:
+                    self._fall_back(err)
+        finally:
+            lock.release()
+
+    def _fall_back(self, err: CorruptCheckpointError) -> None:
+        """Set an unreadable checkpoint aside and start again from the previous one;
+        with none left, a one-line error naming the directory (nothing is deleted)."""
+        with RunCheckpointer(self.run_dir / "checkpoints") as ckpt:
+            if self.main_process:
+                kept = ckpt.set_aside(err.step)
+                self.log(f"warning: {err}; kept as {kept}, resuming from the previous one")
+            _sync("cljax_fall_back")
+            if ckpt.latest_step() is None:
+                raise CljaxError(
+                    f"no readable checkpoint in {ckpt.directory} (unreadable ones are kept as"
+                    " corrupt-<step>); start over with --restart"
+                ) from err
+        self.restart = False
+        self.method = self._new_method()
+        self._build_state()
+
+    def _locked_run(self) -> report.ContinualMetrics | None:
         self._claim_run_dir()
         if self.main_process:
             (self.run_dir / "config.json").write_text(self.cfg.to_json())
@@ -483,6 +593,7 @@ class ContinualRun:
                 "metadata": list(self.data.metadata),
                 "tokenizer": self.data.tokenizer.path,
                 "vocab_size": self.data.tokenizer.vocab_size,
+                "skipped": list(self.data.skipped),
                 "processes": jax.process_count(),
                 "devices": jax.device_count(),
             }
@@ -496,6 +607,24 @@ class ContinualRun:
             self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
         return metrics
 
+    def _drop_log_after(self, global_step: int) -> None:
+        """Keep the ``metrics.jsonl`` entries up to the restored checkpoint's step: the
+        steps after it are trained (and logged) again, so the log has neither gaps nor
+        duplicates. TensorBoard's are hidden by the next writer's ``purge_step``."""
+        self._purge_step = global_step + 1
+        path = self.run_dir / "metrics.jsonl"
+        if not self.main_process or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                continue
+            if entry.get("global_step", 0) <= global_step:
+                kept.append(line)
+        path.write_text("".join(line + "\n" for line in kept))
+
     def _claim_run_dir(self) -> None:
         """Make the run directory this config's: a directory holding a checkpoint of
         another config is refused with the changed keys (``config.resume_diff``), unless
@@ -505,7 +634,13 @@ class ContinualRun:
         if self.restart and self.run_dir.exists():
             if self.main_process:
                 self.log(f"--restart: clearing {self.run_dir}")
-                shutil.rmtree(self.run_dir)
+                for entry in self.run_dir.iterdir():
+                    if entry.name == ".lock":
+                        continue
+                    if entry.is_dir():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
             _sync("cljax_restart")
         has_checkpoint = checkpoints.is_dir() and any(
             p.name.isdigit() for p in checkpoints.iterdir()
@@ -541,6 +676,7 @@ class ContinualRun:
             if not pos.phase_done:
                 method.restore_record(record.get("method", {}))
             self.log(f"resuming {self.run_dir} at phase {pos.phase}, step {pos.step}")
+            self._drop_log_after(pos.global_step)
             for p in range(pos.phase + 1):  # rebuild the structure the arrays were saved in
                 method.prepare(p, self.model, self.rngs)
             if pos.phase_done:
@@ -657,7 +793,8 @@ class ContinualRun:
         per_epoch = batching.num_batches(len(split), self.batch_config)
         micro, total_micro = pos.step * accum, total * accum
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
-        writer = _tensorboard(self.run_dir) if self.main_process else None
+        writer = _tensorboard(self.run_dir, self._purge_step) if self.main_process else None
+        self._purge_step = None
         progress = _Progress(total, pos.step, name, cfg.run.progress)
         started = time.perf_counter()
         log_path = self.run_dir / "metrics.jsonl" if self.main_process else os.devnull
@@ -713,6 +850,11 @@ class ContinualRun:
                         every = cfg.run.checkpoint_every_steps
                         if every and pos.step % every == 0 and pos.step < total:
                             nnx.update(self.model, params, rest)
+                            # the log holds every step up to the checkpoint, and no more
+                            # on resume (``_drop_log_after``)
+                            log_file.flush()
+                            if writer is not None:
+                                writer.flush()
                             ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
             finally:
                 progress.close()
@@ -802,10 +944,12 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _tensorboard(run_dir: Path) -> Any:
+def _tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
+    """The run's TensorBoard writer; ``purge_step``: TensorBoard hides the events at
+    and after it that an interrupted attempt wrote (a resumed run writes them again)."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tensorboard"))
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
 
 def run_experiment(

@@ -351,7 +351,7 @@ def _read_raw_splits(spec: DatasetSpec, config: SourceConfig) -> dict[str, tuple
     if not splits:
         raise FileNotFoundError(
             f"dataset {spec.name!r}: no split files ({', '.join(f'{s}.json' for s in SPLIT_FILES)})"
-            f" in {directory}"
+            f" in {directory} (data.missing=skip leaves it out of the order)"
         )
     return {
         s: (str(directory / f"{s}.json"), read_split_file(directory / f"{s}.json")) for s in splits
@@ -387,6 +387,7 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
         raise FileNotFoundError(
             f"dataset {spec.name!r}: neither {wanted['train']!r} nor {wanted['test']!r} split "
             f"exists (found: {sorted(raw) or 'no split files'}); it cannot be used offline"
+            " (data.missing=skip leaves it out of the order)"
         )
     if missing:
         role = missing[0]
@@ -394,8 +395,9 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
         if config.holdout_fraction is None:
             raise FileNotFoundError(
                 f"dataset {spec.name!r}: split {wanted[role]!r} is missing (found: {sorted(raw)});"
-                " set SourceConfig.holdout_fraction to carve a stratified held-out split from "
-                f"{wanted[present]!r}"
+                " set data.holdout_fraction (e.g. data.holdout_fraction=0.1) to carve a"
+                f" stratified held-out split from {wanted[present]!r}, or data.missing=skip to"
+                " leave the dataset out"
             )
         rest, held = stratified_split(
             screened[present], config.holdout_fraction, config.seed, spec.name

@@ -70,3 +70,21 @@ def test_zero_size_leaves_and_named_tuples_round_trip(tmp_path):
     assert state["params"]["a"].shape == (3, 0)
     assert type(state["opt"][0]).__name__ == "ScaleByAdamState"
     np.testing.assert_array_equal(np.asarray(state["params"]["w"]), np.asarray(params["w"]))
+
+
+def test_restore_names_a_leaf_of_another_shape_and_unreadable_files(tmp_path):
+    from cljax.cl.checkpoint import CheckpointError, CorruptCheckpointError
+
+    with RunCheckpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, _state(1.0), {"task": 0})
+        ckpt.save(2, _state(2.0), {"task": 1})
+        wider = _state(0.0)
+        wider["model"]["w"] = jnp.zeros((8, 5))
+        with pytest.raises(CheckpointError, match=r"'model.w' was saved with shape \(8, 4\)"):
+            ckpt.restore(wider)
+        (tmp_path / "ckpt" / "2" / "record" / "metadata").write_text("{not json")
+        with pytest.raises(CorruptCheckpointError, match="ckpt/2 is unreadable"):
+            ckpt.read_record(2)
+        kept = ckpt.set_aside(2)
+        assert kept.name == "corrupt-2" and ckpt.latest_step() == 1
+        assert ckpt.read_record() == {"task": 0}

@@ -194,6 +194,14 @@ def test_resume_after_sigkill_gives_the_same_accuracy_matrix(tmp_path, method):
     got = json.loads((tmp_path / "int" / "resume" / "accuracy.json").read_text())
     assert got["accuracy"] == ref["accuracy"]
     assert got["tasks_done"] == 2
+    # the log after the kill and resume: every step once, in order, with the same losses
+
+    def log(root):
+        return [json.loads(line) for line in (root / "resume" / "metrics.jsonl").open()]
+
+    ref_log, got_log = log(tmp_path / "ref"), log(tmp_path / "int")
+    assert [e["global_step"] for e in got_log] == [e["global_step"] for e in ref_log]
+    np.testing.assert_allclose([e["loss"] for e in got_log], [e["loss"] for e in ref_log])
 
 
 def test_bad_input_fails_before_training(tmp_path):
@@ -381,3 +389,69 @@ def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
     assert json.loads((tmp_path / cfg.run.name / "config.json").read_text())["train"]["seed"] == 7
     steps = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
     assert [s["step"] for s in steps] == [1, 2, 1, 2]  # only the restarted run's log
+
+
+def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path):
+    import socket
+
+    cfg = tiny_config(tmp_path, "llama", "seqft")
+    run_dir = tmp_path / cfg.run.name
+    run_dir.mkdir(parents=True)
+    lock = run_dir / ".lock"
+    holder = {"host": socket.gethostname(), "pid": os.getpid()}  # a live process
+    lock.write_text(json.dumps(holder))
+    with pytest.raises(loop.RunLockedError, match=f"process {os.getpid()} on {holder['host']}"):
+        loop.run_experiment(cfg, log=_quiet)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock.write_text(json.dumps({**holder, "pid": dead.pid}))
+    messages = []
+    loop.run_experiment(cfg, log=messages.append)
+    assert any("taking over the stale lock" in m for m in messages)
+    assert not lock.exists()  # released at the end
+
+
+def _truncate_arrays(step_dir: Path) -> None:
+    """Cut every array data file of a checkpoint step in half (a crash mid-write)."""
+    files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+    assert files
+    for path in files:
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    cfg = tiny_config(tmp_path, "llama", "seqft", "run.checkpoint_every_steps=1")
+    reference = loop.run_experiment(cfg, log=_quiet)
+    ckpt_dir = tmp_path / cfg.run.name / "checkpoints"
+    latest = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    _truncate_arrays(ckpt_dir / str(latest))
+    messages = []
+    again = loop.run_experiment(cfg, log=messages.append)
+    assert any(f"{latest} is unreadable" in m and "previous" in m for m in messages)
+    assert (ckpt_dir / f"corrupt-{latest}").is_dir()
+    assert again.average_accuracy == reference.average_accuracy
+    # none readable: one error naming the directory, nothing deleted
+    for p in ckpt_dir.iterdir():
+        if p.name.isdigit():
+            _truncate_arrays(p)
+    with pytest.raises(loop.CljaxError, match=f"no readable checkpoint in {ckpt_dir}"):
+        loop.run_experiment(cfg, log=_quiet)
+
+
+def test_missing_datasets_are_an_error_or_skipped_and_recorded(benchmark_dir, gpt2_tokenizer_dir):
+    from cljax.config import Config
+
+    cfg = Config()
+    cfg.data.source = "json"
+    cfg.data.data_dir = str(benchmark_dir)
+    cfg.data.order = "yahoo,agnews"  # yahoo ships no split files here
+    cfg.data.tokenizer = str(gpt2_tokenizer_dir)
+    cfg.data.train_per_class = 2
+    cfg.data.test_per_class = 2
+    with pytest.raises(FileNotFoundError, match="'yahoo'.*data.missing=skip"):
+        loop.load_benchmark_data(cfg)
+    cfg.data.missing = "skip"
+    data = loop.load_benchmark_data(cfg)
+    assert data.names == ("agnews",)
+    assert [s["dataset"] for s in data.skipped] == ["yahoo"]
