@@ -1,5 +1,6 @@
-"""Command line: ``cljax run CONFIG [key=value ...]``, ``cljax compare RUN_DIR ...`` and
-``cljax config [CONFIG]``.
+"""Command line: ``cljax run CONFIG [key=value ...]``, ``cljax compare RUN_DIR ...``,
+``cljax config [CONFIG]``, ``cljax export RUN_DIR OUT_DIR`` and
+``cljax evaluate MODEL CONFIG``.
 
 ``run --methods a,b,c`` runs the same config once per method (run directories
 ``<run.name>-<method>``) and prints the comparison table, as the demo does.
@@ -75,6 +76,26 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from cljax.cl.saved import export_run
+
+    export_run(args.run_dir, args.out_dir)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from cljax.cl.saved import evaluate_model
+
+    cfg = _load(args.config, args.overrides)
+    result = evaluate_model(cfg, args.model, args.overrides)
+    print(json.dumps(result))
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     cfg = _load(args.config, args.overrides) if args.config else config_lib.Config()
     if args.method or args.config:
@@ -116,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--plot", type=Path, default=None, help="write a bar plot here")
     compare.set_defaults(func=cmd_compare)
+    export = sub.add_parser(
+        "export", help="a run's latest model as a Hugging Face directory (LoRA merged)"
+    )
+    export.add_argument("run_dir")
+    export.add_argument("out_dir")
+    export.set_defaults(func=cmd_export)
+    evaluate = sub.add_parser(
+        "evaluate", help="accuracy of a model (run dir or HF dir) on a config's tasks, as JSON"
+    )
+    evaluate.add_argument("model", help="a cljax run directory or a Hugging Face directory")
+    evaluate.add_argument("config", help="the config whose tasks and evaluation to use")
+    evaluate.add_argument("overrides", nargs="*")
+    evaluate.add_argument("--output", help="also write the JSON here")
+    evaluate.set_defaults(func=cmd_evaluate)
     show = sub.add_parser(
         "config",
         help="print every config field with its documentation, or the resolved config of"
@@ -131,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    # Line by line into a file or pipe too: a killed run's log then holds everything
+    # up to the kill, not a buffer's worth less.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
     argv = list(sys.argv[1:] if argv is None else argv)
     # --debug anywhere on the line (`cljax run CFG --debug`), not only before the command
     debug = "--debug" in argv

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -256,7 +257,13 @@ def make_train_step(
         # A finite loss can still come with an update that breaks the weights; checked
         # here so that no checkpoint is ever written from non-finite parameters.
         finite = jnp.isfinite(optax.tree.norm(params))
-        return params, opt_state, {"loss": loss, "total": total, "finite": finite}
+        stats = {
+            "loss": loss,
+            "total": total,
+            "finite": finite,
+            "grad_norm": optax.tree.norm(grads),
+        }
+        return params, opt_state, stats
 
     if shardings is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -704,7 +711,30 @@ class ContinualRun:
             metrics = self._write_outputs(pos)
             if metrics is not None:
                 self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
+                self._log_evaluation(pos, row, metrics)
         return self._write_outputs(pos)
+
+    def _log_evaluation(
+        self, pos: Position, row: np.ndarray, metrics: report.ContinualMetrics
+    ) -> None:
+        """The accuracy row and the metrics so far, in ``metrics.jsonl`` and TensorBoard."""
+        accuracy = {n: float(v) for n, v in zip(self.data.names, row, strict=True) if v == v}
+        entry = {
+            "phase": pos.phase,
+            "global_step": pos.global_step,
+            "eval": accuracy,
+            "average_accuracy": metrics.average_accuracy,
+            "bwt": metrics.backward_transfer,
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        writer = _tensorboard(self.run_dir)
+        for task, value in accuracy.items():
+            writer.add_scalar(f"accuracy/{task}", value, pos.global_step)
+        writer.add_scalar("metrics/average_accuracy", metrics.average_accuracy, pos.global_step)
+        if metrics.backward_transfer is not None:
+            writer.add_scalar("metrics/bwt", metrics.backward_transfer, pos.global_step)
+        writer.close()
 
     def _phase_name(self, phase: int) -> str:
         return "all tasks" if self.method.joint else self.data.names[phase]
@@ -795,7 +825,9 @@ class ContinualRun:
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
         writer = _tensorboard(self.run_dir, self._purge_step) if self.main_process else None
         self._purge_step = None
-        progress = _Progress(total, pos.step, name, cfg.run.progress)
+        progress = _Progress(total, pos.step, name, cfg.run.progress, self.log)
+        schedule = learning_rate_schedule(cfg, total)
+        tokens = 0
         started = time.perf_counter()
         log_path = self.run_dir / "metrics.jsonl" if self.main_process else os.devnull
         with open(log_path, "a") as log_file:
@@ -820,6 +852,7 @@ class ContinualRun:
                             jax.random.fold_in(key, micro),
                             method.arrays,
                         )
+                        tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
                         micro += 1
                         if micro % accum:
                             continue
@@ -834,6 +867,7 @@ class ContinualRun:
                                 f"{pos.step}; the last good checkpoint (step "
                                 f"{ckpt.latest_step()}) is kept in {ckpt.directory}"
                             )
+                        seconds = time.perf_counter() - started
                         entry = {
                             "phase": phase,
                             "task": name,
@@ -841,11 +875,19 @@ class ContinualRun:
                             "global_step": pos.global_step,
                             "loss": loss,
                             "total_loss": loss_total,
-                            "seconds": round(time.perf_counter() - started, 3),
+                            # the last micro-batch's gradient norm, before clipping
+                            "grad_norm": float(stats["grad_norm"]),
+                            "learning_rate": float(schedule(pos.step - 1)),
+                            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
+                            "seconds": round(seconds, 3),
                         }
                         log_file.write(json.dumps(entry) + "\n")
                         if writer is not None:
                             writer.add_scalar(f"loss/{name}", loss, pos.global_step)
+                            for key_name in ("grad_norm", "learning_rate", "tokens_per_s"):
+                                writer.add_scalar(
+                                    f"train/{key_name}", entry[key_name], pos.global_step
+                                )
                         progress.update(loss)
                         every = cfg.run.checkpoint_every_steps
                         if every and pos.step % every == 0 and pos.step < total:
@@ -913,19 +955,28 @@ class ContinualRun:
 
 
 class _Progress:
-    """A tqdm bar with the loss, steps/s and ETA (off when ``enabled`` is False)."""
+    """Progress of a task: a tqdm bar (loss, steps/s, ETA) on a terminal; written to a
+    file or pipe, a plain line every tenth of the task instead (a bar's carriage returns
+    make a log unreadable). Off when ``enabled`` is False."""
 
-    def __init__(self, total: int, done: int, name: str, enabled: bool):
+    def __init__(self, total: int, done: int, name: str, enabled: bool, log: Callable[[str], None]):
         self.bar = None
-        if enabled:
+        self.total, self.done, self.name, self.log = total, done, name, log
+        self.enabled = enabled
+        self.every = max(total // 10, 1)
+        if enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=done, desc=name, unit="step", leave=False)
 
     def update(self, loss: float) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             self.bar.update(1)
+        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
+            percent = 100 * self.done // self.total
+            self.log(f"  {self.name}: step {self.done}/{self.total} ({percent}%), loss {loss:.4f}")
 
     def close(self) -> None:
         if self.bar is not None:

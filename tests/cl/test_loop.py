@@ -25,6 +25,12 @@ from cljax.optim.subspace import named_leaves
 REPO = Path(__file__).resolve().parents[2]
 
 
+def train_log(run_dir: Path) -> list[dict]:
+    """The training-step entries of a run's ``metrics.jsonl`` (not the evaluations)."""
+    entries = [json.loads(line) for line in (run_dir / "metrics.jsonl").open()]
+    return [e for e in entries if "step" in e]
+
+
 def tiny_config(out_dir: Path, family: str, method: str, *overrides: str) -> Config:
     """Two synthetic tasks, a couple of steps each, rank evaluation of the seen tasks."""
     cfg = Config()
@@ -64,7 +70,7 @@ def test_every_method_runs_two_tasks(tmp_path, family, method):
     assert acc.shape == (rows, 2)
     assert np.all(np.isfinite(acc[-1]))  # every task evaluated after the last phase
     assert 0.0 <= metrics.average_accuracy <= 100.0
-    steps = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
+    steps = train_log(tmp_path / cfg.run.name)
     assert [s["step"] for s in steps] == [1, 2] * rows
     assert all(np.isfinite(s["loss"]) for s in steps)
     if method == "pertaskft":  # earlier tasks keep their own model's accuracy
@@ -138,10 +144,8 @@ def test_one_and_eight_devices_give_the_same_accuracy_matrix(tmp_path):
     a = json.loads((tmp_path / "one" / one.run.name / "accuracy.json").read_text())
     b = json.loads((tmp_path / "eight" / eight.run.name / "accuracy.json").read_text())
     assert a["accuracy"] == b["accuracy"] and a["base"] == b["base"]
-    la = [json.loads(x)["loss"] for x in open(tmp_path / "one" / one.run.name / "metrics.jsonl")]
-    lb = [
-        json.loads(x)["loss"] for x in open(tmp_path / "eight" / eight.run.name / "metrics.jsonl")
-    ]
+    la = [e["loss"] for e in train_log(tmp_path / "one" / one.run.name)]
+    lb = [e["loss"] for e in train_log(tmp_path / "eight" / eight.run.name)]
     np.testing.assert_allclose(la, lb, rtol=1e-4)
 
 
@@ -201,7 +205,10 @@ def test_resume_after_sigkill_gives_the_same_accuracy_matrix(tmp_path, method):
 
     ref_log, got_log = log(tmp_path / "ref"), log(tmp_path / "int")
     assert [e["global_step"] for e in got_log] == [e["global_step"] for e in ref_log]
-    np.testing.assert_allclose([e["loss"] for e in got_log], [e["loss"] for e in ref_log])
+    assert [e.get("eval") for e in got_log] == [e.get("eval") for e in ref_log]
+    np.testing.assert_allclose(
+        [e["loss"] for e in got_log if "step" in e], [e["loss"] for e in ref_log if "step" in e]
+    )
 
 
 def test_bad_input_fails_before_training(tmp_path):
@@ -387,7 +394,7 @@ def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
     assert again.average_accuracy == first.average_accuracy
     loop.run_experiment(cfg, overrides=["train.seed=7"], restart=True, log=_quiet)
     assert json.loads((tmp_path / cfg.run.name / "config.json").read_text())["train"]["seed"] == 7
-    steps = [json.loads(line) for line in (tmp_path / cfg.run.name / "metrics.jsonl").open()]
+    steps = train_log(tmp_path / cfg.run.name)
     assert [s["step"] for s in steps] == [1, 2, 1, 2]  # only the restarted run's log
 
 
@@ -455,3 +462,26 @@ def test_missing_datasets_are_an_error_or_skipped_and_recorded(benchmark_dir, gp
     data = loop.load_benchmark_data(cfg)
     assert data.names == ("agnews",)
     assert [s["dataset"] for s in data.skipped] == ["yahoo"]
+
+
+def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
+    config = tmp_path / "tiny.py"
+    _write_config(config, tmp_path / "out", "seqft")
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cljax.cli", "run", str(config), "run.progress=True"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    # not a terminal: plain progress lines, no bar redrawn with carriage returns
+    assert "\r" not in done.stdout + done.stderr
+    assert re.search(r"step \d+/\d+ \(100%\), loss", done.stdout)
+    entries = [json.loads(line) for line in (tmp_path / "out" / "resume" / "metrics.jsonl").open()]
+    steps = [e for e in entries if "step" in e]
+    assert all(e["grad_norm"] > 0 and e["learning_rate"] > 0 for e in steps)
+    assert all(e["tokens_per_s"] > 0 for e in steps)
+    evaluations = [e for e in entries if "eval" in e]
+    assert len(evaluations) == 2 and "average_accuracy" in evaluations[-1]
+    assert set(evaluations[-1]["eval"]) == {"synth_topic", "synth_sentiment"}
