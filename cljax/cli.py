@@ -103,9 +103,28 @@ def cmd_config(args: argparse.Namespace) -> int:
         cfg = config_lib.resolve(cfg, args.overrides, args.method)
     if args.json:
         print(cfg.to_json())
-    else:
-        print("\n".join(config_lib.describe(cfg)))
+        return 0
+    print("\n".join(config_lib.describe(cfg)))
+    print(f"options of method {cfg.method.name!r} (method.options.NAME=VALUE):")
+    print("\n".join(_method_options(cfg)))
     return 0
+
+
+def _method_options(cfg: config_lib.Config) -> list[str]:
+    """``method.options.<name> = value (default ..., limits)`` for the config's method;
+    every method's options are explained in docs/methods.md."""
+    from cljax.cl.methods import METHODS
+
+    if cfg.method.name not in METHODS:
+        raise ValueError(f"unknown method {cfg.method.name!r}; valid: {sorted(METHODS)}")
+    cls = METHODS[cfg.method.name]
+    lines = []
+    for key, default in cls.defaults.items():
+        value = cfg.method.options.get(key, default)
+        limit = cls.limits.get(key)
+        allowed = f", allowed {limit}" if limit is not None else ""
+        lines.append(f"  method.options.{key} = {value!r} (default {default!r}{allowed})")
+    return lines or ["  (none)"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -101,6 +101,11 @@ class DataConfig(_Section):
         "carve a stratified test split of this fraction where one is missing (0 = error)",
         minimum=0,
     )
+    empty_sentences: str = field(
+        "error",
+        "an item with an empty sentence: error | exclude (counted and reported)",
+        choices=("error", "exclude"),
+    )
     missing: str = field(
         "error",
         "a dataset of the order without its files: error | skip (left out of the order,"

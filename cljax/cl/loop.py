@@ -148,6 +148,7 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
             seed=data.seed,
             holdout_fraction=data.holdout_fraction or None,
             invalid_labels=data.invalid_labels,
+            empty_sentences=data.empty_sentences,
         )
         single = len(names) == 1 and names[0].startswith("order")
         names = get_order(names[0]) if single else names

@@ -40,7 +40,7 @@ from cljax.models import lora
 from cljax.models.layers import record_layers
 from cljax.optim import gorp as gorp_lib
 from cljax.optim import regularizers
-from cljax.optim.galore import resolve_targets
+from cljax.optim.galore import MOMENT_MODES, resolve_targets
 from cljax.optim.osf import osf, osf_bases, select_targets
 from cljax.optim.subspace import (
     mean_cosine,
@@ -88,11 +88,43 @@ def layer_importance(
     return {name: sums[name] / np.maximum(counts[name], 1.0) for name in sums}
 
 
+def check_option(method: str, key: str, value: Any, default: Any, limit: Any) -> None:
+    """A method option's value against the type of its default and its limit; the error
+    names ``method.options.<key>`` (so ``2.0`` for an int, ``"false"`` for a bool or
+    ``"abc"`` for a number fail at start-up, not after a task)."""
+    where = f"method.options.{key}={value!r} ({method})"
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expects True or False")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expects an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expects a number")
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expects a string")
+    elif default is None and value is not None:  # path-regex lists (targets)
+        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"{where}: expects a list of regex strings")
+    if limit is None:
+        return
+    if isinstance(limit, tuple) and len(limit) == 2 and not isinstance(limit[0], str):
+        low, high = limit
+        if not low <= value <= high:
+            raise ValueError(f"{where}: must be in [{low}, {high}]")
+    elif value not in limit:
+        raise ValueError(f"{where}: valid: {', '.join(map(str, limit))}")
+
+
 class Method:
     """Base class: full fine-tuning with AdamW, no hooks (this is SeqFT)."""
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: option -> (low, high) inclusive range of a number, or a tuple of allowed values
+    limits: ClassVar[dict[str, Any]] = {}
     #: one training phase on all tasks at once (MTL) instead of a sequence.
     joint: ClassVar[bool] = False
     #: earlier tasks keep their own model (PerTaskFT): their accuracy after task t is
@@ -108,6 +140,8 @@ class Method:
                 f"unknown option(s) {unknown} for method {self.name!r}; "
                 f"valid: {sorted(self.defaults) or 'none'}"
             )
+        for key, value in options.items():
+            check_option(self.name, key, value, self.defaults[key], self.limits.get(key))
         self.hp = {**self.defaults, **options}
         self.family = family
         self.weight_decay = weight_decay
@@ -243,6 +277,16 @@ class OSF(Method):
         "untargeted": "train",
         "targets": None,  # parameter-path regexes; None: the family's (authors' set)
     }
+    limits = {
+        "rank_rule": ("fraction", "schedule", "importance"),
+        "rank_fraction": (0.0, 1.0),
+        "schedule_step": (0.0, 1.0),
+        "mrr": (0.0, 1.0),
+        "trr": (0.0, 1.0),
+        "calibration_batches": (1, 1 << 20),
+        "mode": ("two_sided", "block"),
+        "untargeted": ("train", "freeze"),
+    }
 
     def __init__(self, options, family, *, weight_decay, seed):
         super().__init__(options, family, weight_decay=weight_decay, seed=seed)
@@ -348,6 +392,7 @@ class _Anchored(Method):
     """Full fine-tuning with a quadratic pull towards the previous task's weights."""
 
     defaults = {"strength": 1.0}
+    limits = {"strength": (0.0, 1e12)}
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         if t > 0:
@@ -386,6 +431,7 @@ class EWC(_Anchored):
 
     name = "ewc"
     defaults = {"strength": 100.0, "fisher_batches": 8}
+    limits = {"strength": (0.0, 1e12), "fisher_batches": (1, 1 << 20)}
 
     def setup(self, model, rngs):
         self.arrays["fisher"] = jax.tree.map(jnp.zeros_like, _param_arrays(model))
@@ -410,6 +456,7 @@ class _LoRAMethod(Method):
         "lora_dropout": 0.1,
         "lora_targets": None,  # module-path regexes; None: the family's (q and v)
     }
+    limits = {"lora_rank": (1, 1 << 16), "lora_alpha": (0.0, 1e9), "lora_dropout": (0.0, 1.0)}
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):
@@ -454,6 +501,7 @@ class OLoRA(_LoRAMethod):
 
     name = "olora"
     defaults = {**_LoRAMethod.defaults, "lambda1": 0.5, "lambda2": 0.0, "squared": False}
+    limits = {**_LoRAMethod.limits, "lambda1": (0.0, 1e12), "lambda2": (0.0, 1e12)}
 
     def penalty(self, model, arrays):
         pairs = [(m.past_a[...], m.lora_a[...], m.lora_b[...]) for _, m in lora.lora_modules(model)]
@@ -485,6 +533,16 @@ class GORP(_LoRAMethod):
         "moments_on_refresh": "keep",
         "max_tasks": 16,
         "full_targets": None,  # parameter-path regexes; None: the family's
+    }
+    limits = {
+        **_LoRAMethod.limits,
+        "rank": (1, 1 << 16),
+        "update_proj_gap": (1, 1 << 30),
+        "full_learning_rate": (0.0, 1.0),
+        "threshold": (0.0, 1.0),
+        "max_tasks": (1, 1 << 10),
+        "lora_basis_side": ("input", "rank"),
+        "moments_on_refresh": MOMENT_MODES,
     }
 
     @property
@@ -540,6 +598,7 @@ class Replay(Method):
 
     name = "replay"
     defaults = {"buffer_per_task": 64, "mix_ratio": 0.2}
+    limits = {"buffer_per_task": (0, 1 << 30), "mix_ratio": (0.0, 1e6)}
 
     def train_split(self, t, splits):
         if t == 0:

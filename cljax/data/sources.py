@@ -139,7 +139,8 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     raise FileNotFoundError(
         "benchmark data directory not found ("
         + "; ".join(tried)
-        + f"). Set SourceConfig.data_dir or ${DATA_DIR_ENV} to a folder laid out as "
+        + f"). Set data.data_dir (SourceConfig.data_dir) or ${DATA_DIR_ENV} to a folder laid"
+        + " out as "
         "<Type>/<Dataset>/{train,test,labels}.json"
     )
 
@@ -246,7 +247,7 @@ def screen_examples(
             if config.empty_sentences == "error":
                 raise DataError(
                     f"{origin}: item {index} has an empty sentence "
-                    "(set SourceConfig.empty_sentences='exclude' to skip such items)"
+                    "(data.empty_sentences=exclude skips such items)"
                 )
             exclude("empty_sentence", index)
             continue
@@ -254,7 +255,7 @@ def screen_examples(
             if config.invalid_labels == "error":
                 raise DataError(
                     f"{origin}: item {index} has label {label!r}, not one of the options "
-                    f"{list(spec.options)} (SourceConfig.invalid_labels='exclude' skips such items)"
+                    f"{list(spec.options)} (data.invalid_labels=exclude skips such items)"
                 )
             if config.invalid_labels == "exclude":
                 exclude("invalid_label", index, label)

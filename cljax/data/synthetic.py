@@ -122,7 +122,8 @@ class SyntheticConfig:
         for kind in self.kinds:
             if kind not in KINDS:
                 raise ValueError(
-                    f"SyntheticConfig.kinds: unknown kind {kind!r}; valid kinds: {list(KINDS)}"
+                    f"unknown synthetic task kind {kind!r} (data.order, SyntheticConfig.kinds);"
+                    f" valid kinds: {list(KINDS)}"
                 )
         if not self.kinds:
             raise ValueError("SyntheticConfig.kinds must name at least one task kind")

@@ -53,7 +53,7 @@ TargetSpec = None | str | Sequence[str] | Callable[[str, Any], bool] | Any
 RankSpec = int | Callable[[str, tuple[int, ...]], int]
 
 _SIDES = ("std", "reverse_std", "left", "right", "full")
-_MOMENT_MODES = ("keep", "reset")
+MOMENT_MODES = ("keep", "reset")
 
 
 # ----------------------------------------------------------------------------------
@@ -139,8 +139,8 @@ def validate_common(side: str, gap: int, moments_on_refresh: str) -> None:
         raise ValueError(f"side={side!r}; valid: {_SIDES}")
     if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
         raise ValueError(f"update_proj_gap must be an int >= 1, got {gap!r}")
-    if moments_on_refresh not in _MOMENT_MODES:
-        raise ValueError(f"moments_on_refresh={moments_on_refresh!r}; valid: {_MOMENT_MODES}")
+    if moments_on_refresh not in MOMENT_MODES:
+        raise ValueError(f"moments_on_refresh={moments_on_refresh!r}; valid: {MOMENT_MODES}")
 
 
 # ----------------------------------------------------------------------------------

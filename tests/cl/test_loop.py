@@ -485,3 +485,21 @@ def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
     evaluations = [e for e in entries if "eval" in e]
     assert len(evaluations) == 2 and "average_accuracy" in evaluations[-1]
     assert set(evaluations[-1]["eval"]) == {"synth_topic", "synth_sentiment"}
+
+
+@pytest.mark.parametrize(
+    "method,option,message",
+    [
+        ("osf", "rank_fraction=2.0", r"rank_fraction=2.0 \(osf\): must be in \[0.0, 1.0\]"),
+        ("osf", "calibration_batches=2.0", "calibration_batches=2.0 .*expects an integer"),
+        ("osf", "rank_rule=adaptive", "rank_rule='adaptive' .*valid: fraction, schedule"),
+        ("olora", "lora_rank='abc'", "lora_rank='abc' .*expects an integer"),
+        ("gorp", "use_shared_space='false'", "use_shared_space='false' .*expects True or False"),
+        ("gorp", "threshold=1.5", r"threshold=1.5 \(gorp\): must be in \[0.0, 1.0\]"),
+    ],
+)
+def test_method_options_are_typed_and_checked_at_start_up(tmp_path, method, option, message):
+    cfg = tiny_config(tmp_path, "llama", method, f"method.options.{option}")
+    with pytest.raises(ValueError, match=f"method.options.{message}"):
+        loop.ContinualRun(cfg, log=_quiet)
+    assert not (tmp_path / cfg.run.name).exists()  # before any work
