@@ -9,12 +9,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from cljax import config as config_lib
 from cljax.errors import CljaxError
+
+# Output places the user must fix (read-only, full, not a directory): one line each.
+_UNWRITABLE = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENOTDIR,
+}
 
 
 def _load(path: str, overrides: Sequence[str]) -> config_lib.Config:
@@ -207,6 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (
         CljaxError,
+        OSError,
         KeyError,
         ValueError,
         FileNotFoundError,
@@ -215,6 +227,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as err:
         if args.debug:
             raise
+        if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
+            if err.errno not in _UNWRITABLE:
+                raise  # not a place the user can fix: keep the traceback
+            print(f"cljax: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+            return 2
         # Configuration and input errors: one clear line, no traceback.
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"cljax: error: {message}", file=sys.stderr)

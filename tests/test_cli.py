@@ -107,3 +107,18 @@ def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="train.epochs=0 must be > 0"):
         cli.main(["run", str(config), "train.epochs=0", "--debug"])
     assert cli.main(["run", str(config), "train.epochs=0"]) == 2
+
+
+def test_an_unwritable_output_place_is_one_line_naming_it(tmp_path, capsys):
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("a file where the runs directory should be")
+    overrides = [
+        f"run.out_dir={blocker / 'runs'}",
+        "data.train_per_class=2",
+        "data.test_per_class=1",
+    ]
+    assert cli.main(["run", str(config), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cljax: error: cannot write") and "not_a_dir" in err
