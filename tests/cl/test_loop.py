@@ -469,7 +469,10 @@ def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
     _write_config(config, tmp_path / "out", "seqft")
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1", "JAX_PLATFORMS": "cpu"}
     done = subprocess.run(
-        [sys.executable, "-m", "cljax.cli", "run", str(config), "run.progress=True"],
+        [
+            *(sys.executable, "-m", "cljax.cli", "run", str(config)),
+            *("run.progress=True", "train.max_steps_per_task=4", "run.checkpoint_every_steps=0"),
+        ],
         env=env,
         capture_output=True,
         text=True,
