@@ -173,7 +173,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             temp = max(m.temp_size_in_bytes for m in analyses)
             out["bases_build_peak_gib"] = round((live + temp) / GIB, 2)
             out["bases_compile_s"] = round(time.perf_counter() - started, 1)
-        infos = {name: c.out_info["matrix"] for name, c in calls.items()}
+        infos = {name: c.out_info for name, c in calls.items()}
         bases = {}
         for name, x in matrices.items():
             left_plan, right_plan = plan_widths(x.shape, np.asarray(ranks[name]))

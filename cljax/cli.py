@@ -55,9 +55,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config, args.overrides)
     methods = _method_names(args.methods)
+    base = config_lib.resolve(cfg, args.overrides)
     # Before anything touches JAX's devices; a run's later initialize is then a no-op.
     distributed.initialize(
-        "on" if args.distributed else config_lib.resolve(cfg, args.overrides).run.distributed,
+        "on" if args.distributed else base.run.distributed,
         coordinator=args.coordinator,
         num_processes=args.num_processes,
         process_id=args.process_id,
@@ -66,15 +67,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dirs = []
     for method in methods:
         overrides = list(args.overrides)
-        base_name = config_lib.resolve(cfg, overrides).run.name
         if method is not None:
-            overrides.append(f"run.name={base_name}-{method}")
+            overrides.append(f"run.name={base.run.name}-{method}")
         one = config_lib.resolve(cfg, overrides, method)
         print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
         run_experiment(cfg, overrides=overrides, method=method, restart=args.restart)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
     if len(run_dirs) > 1:
-        plot = Path(one.run.out_dir) / f"{base_name}-compare.png"
+        plot = Path(base.run.out_dir) / f"{base.run.name}-compare.png"
         print(report.compare_runs(run_dirs, plot))
         print(f"plot: {plot}")
     return 0

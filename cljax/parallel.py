@@ -78,14 +78,7 @@ def validate_rules(rules: LogicalRules) -> LogicalRules:
 def rules_with(overrides: Mapping[str, Any] | None) -> LogicalRules:
     """``DEFAULT_RULES`` with some logical axes mapped elsewhere, e.g.
     ``{"embed": None, "mlp": ["fsdp", "tensor"]}`` (the ``run.rules`` config field)."""
-    overrides = dict(overrides or {})
-    validate_rules(
-        [(k, v if v is None or isinstance(v, str) else tuple(v)) for k, v in overrides.items()]
-    )
-    table = dict(DEFAULT_RULES)
-    for name, target in overrides.items():
-        table[name] = target if target is None or isinstance(target, str) else tuple(target)
-    return tuple(table.items())
+    return validate_rules(tuple({**dict(DEFAULT_RULES), **dict(overrides or {})}.items()))
 
 
 def make_mesh(
@@ -193,8 +186,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2, rules: LogicalRules = DEFAULT_RULE
     """Sharding of a (batch, ...) input array: the batch split like ``activation_batch``
     (by default over ``data`` x ``fsdp``), so inputs and hidden states agree."""
     target = dict(rules).get("activation_batch")
-    axes = tuple(a for a in ((target,) if isinstance(target, str) else target or ()))
-    axes = tuple(a for a in axes if mesh.shape[a] > 1) or None
+    axes = tuple(a for a in _axes_of(target) if mesh.shape[a] > 1) or None
     return NamedSharding(mesh, PartitionSpec(axes, *(None,) * (ndim - 1)))
 
 

@@ -44,7 +44,6 @@ from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.data.tasks import get_dataset, get_order
 from cljax.errors import CljaxError, ConfigChangedError, NonFiniteLossError, RunLockedError
 from cljax.models import lora
-from cljax.models.layers import check_remat
 from cljax.optim.regularizers import fisher_diagonal, stack_batches
 
 PyTree = Any
@@ -341,10 +340,6 @@ def resolve_batch_layout(cfg: Config, data_parallel: int) -> Config:
     train = cfg.train
     out = copy.deepcopy(cfg)
     if train.effective_batch_size:
-        if train.per_device_batch_size < 1:
-            raise ValueError(
-                f"train.per_device_batch_size={train.per_device_batch_size} must be >= 1"
-            )
         micro = train.per_device_batch_size * data_parallel
         if train.effective_batch_size % micro:
             raise ValueError(
@@ -425,7 +420,6 @@ class ContinualRun:
         self.family = get_family(cfg.model.family)
         self.method = self._new_method()  # checks the method's name and options now
         self.rules = parallel.rules_with(cfg.run.rules)
-        check_remat("model.remat", cfg.model.remat)
         self.mesh = parallel.make_mesh(dict(cfg.run.mesh) or None)
         cfg = self.cfg = resolve_batch_layout(
             cfg, parallel.data_parallel_size(self.mesh, self.rules)

@@ -50,10 +50,11 @@ def restore_run(
         step = ckpt.latest_step()
         if step is None:
             raise CljaxError(f"no checkpoint in {ckpt.directory}")
-        pos = Position.from_record(ckpt.read_record(step))
+        record = ckpt.read_record(step)
+        pos = Position.from_record(record)
         method = run.method
         if not pos.phase_done:
-            method.restore_record(ckpt.read_record(step).get("method", {}))
+            method.restore_record(record.get("method", {}))
         for phase in range(pos.phase + 1):  # the structure the arrays were saved in
             method.prepare(phase, run.model, run.rngs)
         opt_like = None

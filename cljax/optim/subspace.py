@@ -387,25 +387,21 @@ def _singular_vectors(
     return _orthonormal(jnp.matmul(x, right[..., :w_left], precision=_HIGHEST)), right
 
 
-def _build_bases_impl(
-    matrices: dict[str, jax.Array],
-    ranks: dict[str, jax.Array],
-    left_complement: dict[str, jax.Array],
-    right_complement: dict[str, jax.Array],
-    widths: tuple[tuple[str, int, int], ...],
+def _build_basis(
+    x: jax.Array,
+    ranks: jax.Array,
+    left_complement: jax.Array,
+    right_complement: jax.Array,
+    w_left: int,
+    w_right: int,
     dtype: Any,
     method: BasisMethod,
-) -> dict[str, SubspaceBasis]:
-    out = {}
-    for name, w_left, w_right in widths:
-        u, v = _singular_vectors(matrices[name], method, w_left, w_right)
-        k = ranks[name]
-        left = _select_columns(u, k, left_complement[name], w_left)
-        right = _select_columns(v, k, right_complement[name], w_right)
-        out[name] = SubspaceBasis(
-            left.astype(dtype), left_complement[name], right.astype(dtype), right_complement[name]
-        )
-    return out
+) -> SubspaceBasis:
+    """The basis of one matrix stack ``x (..., R, C)`` (see ``_basis_arguments``)."""
+    u, v = _singular_vectors(x, method, w_left, w_right)
+    left = _select_columns(u, ranks, left_complement, w_left)
+    right = _select_columns(v, ranks, right_complement, w_right)
+    return SubspaceBasis(left.astype(dtype), left_complement, right.astype(dtype), right_complement)
 
 
 def build_bases(
@@ -440,8 +436,8 @@ def build_bases(
         if mesh is not None and parallel.current_mesh() is None:
             stack.enter_context(parallel.use_mesh(mesh))
         for name, args in _stack_arguments(matrices, ranks, dtype, method):
-            build = _build_bases_jit if mesh is None else _sharded_builder(args, mesh)
-            out[name] = build(*args)[_STACK]
+            build = _build_basis_jit if mesh is None else _sharded_builder(args, mesh)
+            out[name] = build(*args)
     return out
 
 
@@ -457,7 +453,7 @@ def lower_build_bases(
     (``ShapeDtypeStruct``s carrying shardings on ``mesh``), as the ``jax.stages.Lowered``
     call of each matrix stack: memory planning without the weights
     (``.compile().memory_analysis()``). Returns ``{name: Lowered}``; each call's
-    output is ``{"matrix": SubspaceBasis}``."""
+    output is that stack's ``SubspaceBasis``."""
     with parallel.use_mesh(mesh):
         return {
             name: _sharded_builder(args, mesh).lower(*args)
@@ -465,15 +461,10 @@ def lower_build_bases(
         }
 
 
-# The key of the one matrix stack of a per-stack call: stacks of the same shape and
-# ranks (q, k, v, o) then share one compilation.
-_STACK = "matrix"
-
-
 def _stack_arguments(
     matrices: Mapping[str, Any], ranks: Mapping[str, Any], dtype: Any, method: BasisMethod
 ) -> list[tuple[str, tuple[Any, ...]]]:
-    """``(name, _basis_arguments)`` of each matrix stack on its own. Bases are built one
+    """``(name, _basis_arguments)`` of each matrix stack. Bases are built one
     stack per call: XLA runs independent decompositions of one call side by side, so a
     single call holds every stack's work space at once (LLaMA-2-7B, fsdp=8: 11.3 GiB
     per device instead of about 7, ``bench/scale.py``), and on the CPU several LAPACK
@@ -492,7 +483,8 @@ def _basis_arguments(
     name: str, x: Any, rank: Any, dtype: Any, method: BasisMethod
 ) -> tuple[Any, ...]:
     """Check one stack's ranks (errors name it) and plan its storage: the arguments of
-    ``_build_bases_impl`` for that stack alone, keyed ``_STACK``."""
+    ``_build_basis``. Stacks of the same shape and ranks (q, k, v, o) share one
+    compilation."""
     if method not in ("svd", "gram"):
         raise ValueError(f"basis method must be 'svd' or 'gram', got {method!r}")
     stack = tuple(x.shape[:-2])
@@ -507,11 +499,12 @@ def _basis_arguments(
     k = np.broadcast_to(k.astype(np.int32), stack)
     plan_left, plan_right = plan_widths(x.shape, k)
     return (
-        {_STACK: x},
-        {_STACK: jnp.asarray(k)},
-        {_STACK: jnp.asarray(plan_left.complement)},
-        {_STACK: jnp.asarray(plan_right.complement)},
-        ((_STACK, plan_left.width, plan_right.width),),
+        x,
+        jnp.asarray(k),
+        jnp.asarray(plan_left.complement),
+        jnp.asarray(plan_right.complement),
+        plan_left.width,
+        plan_right.width,
         jnp.dtype(dtype),
         method,
     )
@@ -521,12 +514,13 @@ def _sharded_builder(args: tuple[Any, ...], mesh: Any) -> Any:
     """The basis build jitted for sharded weights: every basis is born split like its
     matrix (``parallel.derived_shardings``) and the SVDs are spread over the devices
     (inside ``use_mesh``), so no device holds every basis or runs every decomposition."""
-    abstract = jax.eval_shape(_build_bases_jit, *args)
-    shardings = parallel.derived_shardings(abstract, args[0], mesh)
-    return jax.jit(_build_bases_impl, static_argnums=(4, 5, 6), out_shardings=shardings)
+    abstract = jax.eval_shape(_build_basis_jit, *args)
+    # the matrix under one name, so that the basis' paths contain it (derived_shardings)
+    shardings = parallel.derived_shardings({"m": abstract}, {"m": args[0]}, mesh)["m"]
+    return jax.jit(_build_basis, static_argnums=(4, 5, 6, 7), out_shardings=shardings)
 
 
-_build_bases_jit = jax.jit(_build_bases_impl, static_argnames=("widths", "dtype", "method"))
+_build_basis_jit = jax.jit(_build_basis, static_argnums=(4, 5, 6, 7))
 
 
 # --------------------------------------------------------------------------- projections
