@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from cljax import config as config_lib
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, UnknownNameError
 
 # Output places the user must fix (read-only, full, not a directory): one line each.
 _UNWRITABLE = {
@@ -44,7 +44,7 @@ def _method_names(text: str | None) -> list[str | None]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
-        raise ValueError(f"--methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
+        raise UnknownNameError(f"--methods: unknown method(s) {unknown}; valid: {sorted(METHODS)}")
     return names
 
 
@@ -64,12 +64,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         process_id=args.process_id,
         timeout=args.init_timeout,
     )
-    run_dirs = []
+    runs = []  # every method's config resolved (and its options checked) before any run
     for method in methods:
         overrides = list(args.overrides)
         if method is not None:
             overrides.append(f"run.name={base.run.name}-{method}")
-        one = config_lib.resolve(cfg, overrides, method)
+        runs.append((method, overrides, config_lib.resolve(cfg, overrides, method)))
+    run_dirs = []
+    for method, overrides, one in runs:
         print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
         run_experiment(cfg, overrides=overrides, method=method, restart=args.restart)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
@@ -90,7 +92,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from cljax.cl.saved import export_run
 
-    export_run(args.run_dir, args.out_dir)
+    export_run(args.run_dir, args.out_dir, task=args.task)
     return 0
 
 
@@ -108,10 +110,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_config(args: argparse.Namespace) -> int:
-    cfg = _load(args.config, args.overrides) if args.config else config_lib.Config()
-    if args.method or args.config:
-        # what the run will use: per-method settings applied, the command line on top
-        cfg = config_lib.resolve(cfg, args.overrides, args.method)
+    if args.config and "=" in args.config and not Path(args.config).exists():
+        # `cljax config --method osf key=value`: no config file, only overrides
+        args.overrides, args.config = [args.config, *args.overrides], None
+    base = config_lib.load_config(args.config) if args.config else config_lib.Config()
+    # what the run will use: per-method settings applied, the command line on top
+    cfg = config_lib.resolve(base, args.overrides, args.method)
     if args.json:
         print(cfg.to_json())
         return 0
@@ -122,19 +126,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def _method_options(cfg: config_lib.Config) -> list[str]:
-    """``method.options.<name> = value (default ..., limits)`` for the config's method;
-    every method's options are explained in docs/methods.md."""
-    from cljax.cl.methods import METHODS
+    """One line per option of the config's method (value, doc, default, accepted values);
+    docs/methods.md explains them."""
+    from cljax.cl.methods import get_method_class
 
-    if cfg.method.name not in METHODS:
-        raise ValueError(f"unknown method {cfg.method.name!r}; valid: {sorted(METHODS)}")
-    cls = METHODS[cfg.method.name]
-    lines = []
-    for key, default in cls.defaults.items():
-        value = cfg.method.options.get(key, default)
-        limit = cls.limits.get(key)
-        allowed = f", allowed {limit}" if limit is not None else ""
-        lines.append(f"  method.options.{key} = {value!r} (default {default!r}{allowed})")
+    cls = get_method_class(cfg.method.name)
+    lines = config_lib.describe_options(cls.Options, cfg.method.options, "  method.options.")
     return lines or ["  (none)"]
 
 
@@ -172,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("run_dir")
     export.add_argument("out_dir")
+    export.add_argument(
+        "--task",
+        help="export the model at the end of this task (its name or 1-based number; the"
+        " run needs run.keep_task_checkpoints=True unless it is one of the last two)",
+    )
     export.set_defaults(func=cmd_export)
     evaluate = sub.add_parser(
         "evaluate", help="accuracy of a model (run dir or HF dir) on a config's tasks, as JSON"
@@ -186,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="print every config field with its documentation, or the resolved config of"
         " CONFIG (per-method settings and overrides applied)",
     )
-    show.add_argument("config", nargs="?")
-    show.add_argument("overrides", nargs="*")
+    show.add_argument("config", nargs="?", help="a config file (default: the defaults)")
+    show.add_argument("overrides", nargs="*", help="section.key=value overrides")
     show.add_argument("--method", help="resolve for this method (its per_method settings)")
     show.add_argument("--json", action="store_true", help="the resolved config as JSON")
     show.set_defaults(func=cmd_config)
@@ -216,15 +218,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
-    except (
-        CljaxError,
-        OSError,
-        KeyError,
-        ValueError,
-        FileNotFoundError,
-        AttributeError,
-        TypeError,
-    ) as err:
+    except (CljaxError, OSError) as err:
+        # Errors of the user's input (config, data, checkpoint, a missing file or an
+        # unwritable place): one clear line. Anything else is a bug: its traceback stays.
         if args.debug:
             raise
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
@@ -232,9 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise  # not a place the user can fix: keep the traceback
             print(f"cljax: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
             return 2
-        # Configuration and input errors: one clear line, no traceback.
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"cljax: error: {message}", file=sys.stderr)
+        print(f"cljax: error: {err}", file=sys.stderr)
         return 2
 
 

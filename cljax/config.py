@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from cljax.errors import ConfigError, UnknownNameError
+
 
 def field(
     default: Any,
@@ -26,12 +28,20 @@ def field(
     *,
     choices: Sequence[Any] | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     positive: bool = False,
 ) -> Any:
     """A dataclass field with a documentation string (shown by ``describe``) and the
-    values it accepts (``choices``, ``minimum`` inclusive, ``positive``), checked by
-    ``validate`` before any work."""
-    metadata = {"doc": doc, "choices": choices, "minimum": minimum, "positive": positive}
+    values it accepts (``choices``, ``minimum`` / ``maximum`` inclusive, ``positive``),
+    checked by ``check_value`` (``validate`` for run configs, method options when a
+    method is built) before any work."""
+    metadata = {
+        "doc": doc,
+        "choices": choices,
+        "minimum": minimum,
+        "maximum": maximum,
+        "positive": positive,
+    }
     if isinstance(default, dict | list):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -49,7 +59,7 @@ class _Section:
         if name not in names:
             section = type(self).__name__.removesuffix("Config").lower()
             key = f"{section}.{name}" if section else name
-            raise AttributeError(f"unknown config key '{key}'; valid: {names}")
+            raise UnknownNameError(f"unknown config key '{key}'; valid: {names}")
         super().__setattr__(name, value)
 
 
@@ -192,6 +202,11 @@ class RunConfig(_Section):
     checkpoint_every_steps: int = field(
         100, "save a mid-task checkpoint every N steps (0 = off)", minimum=0
     )
+    keep_task_checkpoints: bool = field(
+        False,
+        "keep the checkpoint at the end of every task (else only the latest two), so that"
+        " `cljax export --task` can export any task's model",
+    )
     mesh: dict = field({}, "mesh axis sizes, e.g. {'data': -1} (default: data parallel)")
     rules: dict = field(
         {},
@@ -224,7 +239,7 @@ class Config(_Section):
 
 
 def describe(cfg: Any = None, prefix: str = "") -> list[str]:
-    """``key (type, default): doc`` lines for every field, dotted."""
+    """``key = value  # doc (default d; accepted values)`` for every field, dotted."""
     cfg = Config() if cfg is None else cfg
     lines = []
     for f in dataclasses.fields(cfg):
@@ -232,8 +247,19 @@ def describe(cfg: Any = None, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             lines += describe(value, f"{prefix}{f.name}.")
         else:
-            lines.append(f"{prefix}{f.name} = {value!r}: {f.metadata.get('doc', '')}")
+            lines.append(_field_line(f, value, prefix))
     return lines
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _field_line(f: dataclasses.Field, value: Any, prefix: str) -> str:
+    default = _default(f)
+    accepts = limits_text(f)
+    extra = f"default {default!r}" + (f"; {accepts}" if accepts else "")
+    return f"{prefix}{f.name} = {value!r}  # {f.metadata.get('doc', '')} ({extra})"
 
 
 def load_config(path: str | Path) -> Config:
@@ -251,10 +277,10 @@ def load_config(path: str | Path) -> Config:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
-        raise AttributeError(f"config file {path} defines no get_config()")
+        raise ConfigError(f"config file {path} defines no get_config()")
     cfg = module.get_config() if arg is None else module.get_config(arg)
     if not isinstance(cfg, Config):
-        raise TypeError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not Config")
     return cfg
 
 
@@ -275,9 +301,9 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if hint is str and not isinstance(value, str):
         return str(value)
     if hint in (int, float, bool, dict, str) and not isinstance(value, hint):
-        raise ValueError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
+        raise ConfigError(f"config key {key!r} expects {hint.__name__}, got {value!r}")
     if hint is int and isinstance(value, bool):
-        raise ValueError(f"config key {key!r} expects int, got {value!r}")
+        raise ConfigError(f"config key {key!r} expects int, got {value!r}")
     return value
 
 
@@ -297,10 +323,10 @@ def set_value(cfg: Config, key: str, value: Any) -> None:
         names = {f.name for f in dataclasses.fields(node)}
         if part not in names:
             where = ".".join(parts[:depth]) or "the config"
-            raise KeyError(f"unknown config key {key!r}: {where} has {sorted(names)}")
+            raise UnknownNameError(f"unknown config key {key!r}: {where} has {sorted(names)}")
         if last:
             if dataclasses.is_dataclass(getattr(node, part)):
-                raise KeyError(f"config key {key!r} is a section; set one of its fields")
+                raise UnknownNameError(f"config key {key!r} is a section; set one of its fields")
             hints = typing.get_type_hints(type(node))
             setattr(node, part, _coerce(value, hints[part], key))
         else:
@@ -316,7 +342,7 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     cfg = copy.deepcopy(cfg)
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         key, text = item.split("=", 1)
         set_value(cfg, key, _parse_value(text))
     return cfg
@@ -331,9 +357,99 @@ def for_method(cfg: Config, name: str | None = None) -> Config:
         cfg.method.name = name
     for key, value in cfg.method.per_method.get(cfg.method.name, {}).items():
         if key.split(".")[0] == "method" and key.split(".")[1:2] == ["per_method"]:
-            raise KeyError(f"method.per_method[{cfg.method.name!r}] cannot set {key!r}")
+            raise UnknownNameError(f"method.per_method[{cfg.method.name!r}] cannot set {key!r}")
         set_value(cfg, key, value)
     return cfg
+
+
+def limits_text(f: dataclasses.Field) -> str:
+    """The values a ``field`` accepts, in words (``one of a, b``, ``>= 0``, ``in [0, 1]``);
+    empty when any value of its type is accepted."""
+    meta = f.metadata
+    if meta.get("choices") is not None:
+        return "one of " + ", ".join(map(str, meta["choices"]))
+    low, high = meta.get("minimum"), meta.get("maximum")
+    if low is not None and high is not None:
+        return f"in [{low}, {high}]"
+    if meta.get("positive"):
+        return "> 0" + (f" and <= {high}" if high is not None else "")
+    if low is not None:
+        return f">= {low}"
+    return f"<= {high}" if high is not None else ""
+
+
+def check_value(key: str, value: Any, f: dataclasses.Field) -> None:
+    """``value`` of the config key ``key`` against the choices and range declared by its
+    ``field``; the error names the key and what it accepts."""
+    meta = f.metadata
+    ok = True
+    if meta.get("choices") is not None:
+        ok = value in meta["choices"]
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        ok = (
+            (not meta.get("positive") or value > 0)
+            and (meta.get("minimum") is None or value >= meta["minimum"])
+            and (meta.get("maximum") is None or value <= meta["maximum"])
+        )
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: must be {limits_text(f)}")
+
+
+_TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def _strict_value(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` checked against ``annotation`` without conversions that hide mistakes:
+    an int field refuses ``2.0`` and ``True``, a bool field refuses ``"false"``; a float
+    field takes an int; ``tuple[str, ...]`` takes a list or tuple of strings. Optional
+    annotations also take None."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        annotation = next(a for a in args if a is not type(None))
+        args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key}={value!r}: expects a list of strings")
+    wanted = (int, float) if annotation is float else annotation
+    if isinstance(value, bool) and annotation is not bool or not isinstance(value, wanted):
+        raise ConfigError(f"{key}={value!r}: expects {_TYPE_WORDS[annotation]}")
+    return float(value) if annotation is float else value
+
+
+def build_options(options_type: type, values: dict[str, Any], prefix: str, owner: str) -> Any:
+    """The frozen options dataclass ``options_type`` built from ``values`` (e.g. a
+    method's ``method.options``). Unknown names are refused with the valid ones; each
+    value is checked against its field's type and declared range. Errors name
+    ``<prefix>.<key>`` and the ``owner`` (e.g. the method)."""
+    fields = {f.name: f for f in dataclasses.fields(options_type)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise UnknownNameError(
+            f"unknown option(s) {unknown} for {owner}; valid: {sorted(fields) or 'none'}"
+            f" (set as {prefix}.NAME=VALUE)"
+        )
+    hints = typing.get_type_hints(options_type)
+    checked = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}"
+        try:
+            checked[name] = _strict_value(value, hints[name], key)
+            check_value(key, checked[name], fields[name])
+        except ConfigError as err:
+            raise ConfigError(f"{err} ({owner})") from None
+    return options_type(**checked)
+
+
+def describe_options(options_type: type, values: dict[str, Any], prefix: str) -> list[str]:
+    """``describe`` for an options dataclass, current values from ``values`` (e.g. a
+    config's ``method.options``) over the defaults."""
+    lines = []
+    for f in dataclasses.fields(options_type):
+        lines.append(_field_line(f, values.get(f.name, _default(f)), prefix))
+    return lines
 
 
 def validate(cfg: Config) -> Config:
@@ -342,17 +458,18 @@ def validate(cfg: Config) -> Config:
     for section in dataclasses.fields(cfg):
         node = getattr(cfg, section.name)
         for f in dataclasses.fields(node):
-            key, value, meta = f"{section.name}.{f.name}", getattr(node, f.name), f.metadata
-            if meta.get("choices") is not None and value not in meta["choices"]:
-                raise ValueError(f"{key}={value!r}; valid: {', '.join(map(str, meta['choices']))}")
-            if meta.get("positive") and not value > 0:
-                raise ValueError(f"{key}={value!r} must be > 0")
-            if meta.get("minimum") is not None and not value >= meta["minimum"]:
-                raise ValueError(f"{key}={value!r} must be >= {meta['minimum']}")
+            check_value(f"{section.name}.{f.name}", getattr(node, f.name), f)
     if not [n for n in cfg.data.order.split(",") if n.strip()]:
-        raise ValueError("data.order is empty: name an order (order1..order6) or tasks")
+        raise ConfigError("data.order is empty: name an order (order1..order6) or tasks")
+    # The method's options (the methods module imports JAX: only loaded here).
+    from cljax.cl.methods import get_method_class
+
+    options_type = get_method_class(cfg.method.name).Options
+    build_options(options_type, cfg.method.options, "method.options", f"method {cfg.method.name!r}")
+    if cfg.data.source == "tfds" and not cfg.data.tfds_data_dir:
+        raise ConfigError("data.tfds_data_dir is required when data.source='tfds'")
     if not 0 <= cfg.data.holdout_fraction < 1:
-        raise ValueError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
+        raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
     return cfg
 
 
@@ -375,6 +492,7 @@ def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = Non
 RESUME_EXEMPT = (
     "run.progress",
     "run.checkpoint_every_steps",
+    "run.keep_task_checkpoints",
     "run.out_dir",
     "run.mesh",
     "run.rules",
@@ -426,11 +544,11 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         valid = {g.name for g in dataclasses.fields(section_cls)}
         unknown = set(values) - valid
         if unknown:
-            raise KeyError(
+            raise UnknownNameError(
                 f"unknown keys {sorted(unknown)} in section {f.name!r}; valid: {sorted(valid)}"
             )
         sections[f.name] = section_cls(**values)
     unknown_sections = set(data) - {f.name for f in dataclasses.fields(Config)}
     if unknown_sections:
-        raise KeyError(f"unknown config sections {sorted(unknown_sections)}")
+        raise UnknownNameError(f"unknown config sections {sorted(unknown_sections)}")
     return Config(**sections)

@@ -27,7 +27,7 @@ from collections.abc import Mapping
 
 import jax
 
-from cljax.errors import StartupError
+from cljax.errors import ConfigError, StartupError
 
 MODES = ("auto", "on", "off")
 
@@ -47,7 +47,7 @@ def _int_setting(value: int | None, variable: str, flag: str) -> int | None:
     if text is None:
         return None
     if not text.isdigit():
-        raise ValueError(f"${variable}={text!r} must be a non-negative integer ({flag})")
+        raise ConfigError(f"${variable}={text!r} must be a non-negative integer ({flag})")
     return int(text)
 
 
@@ -83,7 +83,7 @@ def initialize(
     Returns True when this call initialised ``jax.distributed``, False when it was
     not needed or had already been done. Call before anything touches JAX's devices."""
     if mode not in MODES:
-        raise ValueError(f"run.distributed={mode!r}; valid: {list(MODES)}")
+        raise ConfigError(f"run.distributed={mode!r}; valid: {list(MODES)}")
     if mode == "off" or jax.distributed.is_initialized():
         return False
     coordinator = coordinator or os.environ.get("CLJAX_COORDINATOR_ADDRESS") or None
@@ -93,14 +93,14 @@ def initialize(
         return False
     if coordinator is not None:
         if not re.fullmatch(r"[^\s:]+:\d+", coordinator):
-            raise ValueError(f"coordinator address {coordinator!r} must be HOST:PORT")
+            raise ConfigError(f"coordinator address {coordinator!r} must be HOST:PORT")
         if num_processes is None or process_id is None:
-            raise ValueError(
+            raise ConfigError(
                 f"coordinator {coordinator} given without --num-processes and --process-id"
                 " (or $CLJAX_NUM_PROCESSES / $CLJAX_PROCESS_ID)"
             )
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} not in [0, {num_processes})")
+            raise ConfigError(f"--process-id {process_id} not in [0, {num_processes})")
     where = coordinator or "the coordinator JAX detects (TPU pod / SLURM / Open MPI)"
     if coordinator is not None and process_id != 0:
         # JAX aborts the whole process when its client cannot connect; finding out first

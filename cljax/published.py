@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from cljax.config import Config
+from cljax.errors import ConfigError
 
 METHODS = (
     "seqft",
@@ -76,7 +77,7 @@ def _common(order: int, checkpoint: str) -> Config:
 def t5_large(order: int) -> Config:
     """T5-large, order 1..6 (orders 4-6 are the 15-task sequences)."""
     if order not in range(1, 7):
-        raise ValueError(f"T5-large orders are 1..6, got {order}")
+        raise ConfigError(f"T5-large orders are 1..6, got {order}")
     cfg = _common(order, os.environ.get("CLJAX_T5_LARGE", "checkpoints/t5-large"))
     cfg.model.family = "t5"
     cfg.model.preset = "t5-large"
@@ -111,7 +112,7 @@ def llama2_7b(order: int) -> Config:
     """LLaMA-2-7B with bfloat16 matmuls over float32 master weights (bf16 weights
     swallow 1e-5-relative updates), remat of every layer, order 1..3, answer-only loss."""
     if order not in range(1, 4):
-        raise ValueError(f"LLaMA-2-7B orders are 1..3, got {order}")
+        raise ConfigError(f"LLaMA-2-7B orders are 1..3, got {order}")
     cfg = _common(order, os.environ.get("CLJAX_LLAMA2_7B", "checkpoints/llama-2-7b"))
     cfg.model.family = "llama"
     cfg.model.preset = "llama-2-7b"

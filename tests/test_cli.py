@@ -11,8 +11,18 @@ from cljax.cl import report
 def test_config_lists_every_field_with_its_documentation(capsys):
     assert cli.main(["config"]) == 0
     out = capsys.readouterr().out
-    assert "train.learning_rate = 0.001: peak learning rate" in out
+    assert "train.learning_rate = 0.001  # peak learning rate (default 0.001; > 0)" in out
     assert "method.per_method = {}" in out
+
+
+def test_config_lists_the_method_options_with_docs_defaults_and_limits(capsys):
+    assert cli.main(["config", "--method", "osf", "method.options.rank_fraction=0.25"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "method.options.rank_fraction = 0.25  # fraction of min(m, n) frozen by the fraction rule"
+        " (default 0.5; in [0.0, 1.0])" in out
+    )
+    assert "method.options.rank_rule = 'fraction'" in out and "one of fraction, schedule" in out
 
 
 def test_bad_override_is_one_clear_error(tmp_path, capsys):
@@ -99,12 +109,38 @@ def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_every_method_option_is_checked_before_the_first_run(tmp_path, capsys):
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    bad = "method.per_method={'osf': {'method.options.rank_fraction': 2.0}}"
+    assert cli.main(["run", str(config), "--methods", "seqft,osf", bad]) == 2
+    err = capsys.readouterr().err
+    assert "method.options.rank_fraction=2.0: must be in [0.0, 1.0] (method 'osf')" in err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only the user's errors become one line; an internal TypeError is re-raised."""
+    import pytest
+
+    from cljax.cl import loop
+
+    def broken(*args, **kwargs):
+        raise TypeError("internal bug")
+
+    monkeypatch.setattr(loop, "run_experiment", broken)
+    config = tmp_path / "exp.py"
+    config.write_text(PER_METHOD_CONFIG)
+    with pytest.raises(TypeError, match="internal bug"):
+        cli.main(["run", str(config)])
+
+
 def test_debug_shows_the_traceback(tmp_path):
     import pytest
 
     config = tmp_path / "exp.py"
     config.write_text(PER_METHOD_CONFIG)
-    with pytest.raises(ValueError, match="train.epochs=0 must be > 0"):
+    with pytest.raises(ValueError, match="train.epochs=0: must be > 0"):
         cli.main(["run", str(config), "train.epochs=0", "--debug"])
     assert cli.main(["run", str(config), "train.epochs=0"]) == 2
 

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from cljax import parallel
 from cljax.config import ModelConfig
 from cljax.data.batching import Batch, TextTokenizer
+from cljax.errors import CheckpointError, ConfigError, UnknownNameError
 from cljax.models.layers import DTypePolicy
 from cljax.models.llama import Llama, LlamaConfig
 from cljax.models.losses import token_logprobs
@@ -77,13 +78,18 @@ class Family:
         if cfg.checkpoint:
             model, model_cfg = _from_checkpoint(cfg, tokenizer, mesh, rules)
             if not isinstance(model_cfg, self.config_class):
-                raise ValueError(
+                raise CheckpointError(
                     f"model.checkpoint {cfg.checkpoint} holds a {type(model_cfg).__name__} "
                     f"model, but model.family is {self.name!r}"
                 )
             return model, model_cfg
         fields = {**self.token_fields(tokenizer), "remat": cfg.remat, **cfg.overrides}
-        model_cfg = self.config_class.preset(cfg.preset, policy=_policy(cfg), **fields)
+        try:
+            model_cfg = self.config_class.preset(cfg.preset, policy=_policy(cfg), **fields)
+        except (ValueError, TypeError) as err:  # a shape the model refuses, an unknown field
+            raise ConfigError(
+                f"model.preset={cfg.preset!r} with model.overrides={cfg.overrides}: {err}"
+            ) from err
         if mesh is None or mesh.size == 1:
             return self.model_class(model_cfg, rngs=rngs), model_cfg
         factory = lambda r: self.model_class(model_cfg, rngs=r)
@@ -113,9 +119,9 @@ def _from_checkpoint(
         cfg.checkpoint, mesh=mesh, rules=rules, policy=_policy(cfg), **overrides
     )
     if model_cfg.vocab_size < tokenizer.vocab_size:
-        raise ValueError(
-            f"checkpoint {cfg.checkpoint} has vocab_size {model_cfg.vocab_size} but tokenizer "
-            f"{tokenizer.path} has {tokenizer.vocab_size} tokens"
+        raise CheckpointError(
+            f"model.checkpoint {cfg.checkpoint} has vocab_size {model_cfg.vocab_size} but"
+            f" tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens"
         )
     return model, model_cfg
 
@@ -234,5 +240,5 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, T5_FAMILY)}
 
 def get_family(name: str) -> Family:
     if name not in FAMILIES:
-        raise ValueError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
+        raise UnknownNameError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
     return FAMILIES[name]

@@ -17,13 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from cljax.errors import CljaxError
+from cljax.errors import CheckpointError, CljaxError
 
 PyTree = Any
-
-
-class CheckpointError(CljaxError, ValueError):
-    """A checkpoint that does not fit the run (a leaf missing or of another shape)."""
 
 
 class CorruptCheckpointError(CljaxError, RuntimeError):
@@ -66,13 +62,32 @@ def _abstract(x: Any) -> Any:
     return x
 
 
+class _Kept:
+    """Orbax preservation policy: the steps saved with ``keep=True`` are never deleted."""
+
+    def __init__(self) -> None:
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        return [info.step in self.steps for info in checkpoints]
+
+
 class RunCheckpointer:
     """Save and restore ``(state, record)`` pairs under ``directory`` keyed by a global
-    step count. ``max_to_keep`` bounds disk use; the newest checkpoint always stays."""
+    step count. ``max_to_keep`` bounds disk use (the newest checkpoints stay); a step
+    saved with ``keep=True`` (a task's end, with ``run.keep_task_checkpoints``) stays
+    as well, its record marked ``"kept": true``."""
 
     def __init__(self, directory: str | Path, *, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+        self._kept = _Kept()
+        policies = ocp.checkpoint_managers
+        options = ocp.CheckpointManagerOptions(
+            create=True,
+            preservation_policy=policies.AnyPreservationPolicy(
+                [policies.LatestN(n=max_to_keep), self._kept]
+            ),
+        )
         # Handlers named up front, so that a new manager (a restarted run) can read a
         # step's metadata (saved shapes) before restoring it.
         self._manager = ocp.CheckpointManager(
@@ -84,12 +99,27 @@ class RunCheckpointer:
             },
         )
 
+        # A restarted run keeps what an earlier process marked.
+        for step in self.all_steps():
+            try:
+                if self.read_record(step).get("kept"):
+                    self._kept.steps.add(step)
+            except CorruptCheckpointError:
+                pass  # the run's fallback reports it
+
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(self, step: int, state: PyTree, record: dict[str, Any]) -> None:
+    def kept_steps(self) -> list[int]:
+        """The steps saved with ``keep=True`` that are on disk."""
+        return sorted(self._kept.steps & set(self.all_steps()))
+
+    def save(self, step: int, state: PyTree, record: dict[str, Any], *, keep: bool = False) -> None:
         """Save and wait until the checkpoint is committed to disk (a save reported as
-        done must survive a crash right after)."""
+        done must survive a crash right after). ``keep``: never deleted by rotation."""
+        if keep:
+            self._kept.steps.add(step)
+            record = {**record, "kept": True}
         named, _, _ = _flat(state)
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(named), record=ocp.args.JsonSave(record)

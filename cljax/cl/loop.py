@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -42,7 +43,13 @@ from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.data.tasks import get_dataset, get_order
-from cljax.errors import CljaxError, ConfigChangedError, NonFiniteLossError, RunLockedError
+from cljax.errors import (
+    CljaxError,
+    ConfigChangedError,
+    ConfigError,
+    NonFiniteLossError,
+    RunLockedError,
+)
 from cljax.models import lora
 from cljax.optim.regularizers import fisher_diagonal, stack_batches
 
@@ -164,7 +171,7 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         if not tasks:
             raise FileNotFoundError(f"data.missing=skip left no dataset of {data.order!r}")
     else:
-        raise ValueError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
+        raise ConfigError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
     if data.tokenizer == "bpe":
         tokenizer = batching.task_tokenizer(tasks, vocab_size=data.tokenizer_vocab_size)
     else:
@@ -208,7 +215,7 @@ def learning_rate_schedule(cfg: Config, total_steps: int) -> optax.Schedule:
     elif train.schedule == "cosine":
         after = optax.cosine_decay_schedule(peak, decay_steps)
     else:
-        raise ValueError(f"train.schedule={train.schedule!r}; valid: constant, linear, cosine")
+        raise ConfigError(f"train.schedule={train.schedule!r}; valid: constant, linear, cosine")
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), after], [warmup])
@@ -342,7 +349,7 @@ def resolve_batch_layout(cfg: Config, data_parallel: int) -> Config:
     if train.effective_batch_size:
         micro = train.per_device_batch_size * data_parallel
         if train.effective_batch_size % micro:
-            raise ValueError(
+            raise ConfigError(
                 f"train.effective_batch_size={train.effective_batch_size} is not a multiple of"
                 f" train.per_device_batch_size={train.per_device_batch_size} x {data_parallel}"
                 f" data-parallel devices = {micro}; choose an effective batch that is, or fewer"
@@ -355,7 +362,7 @@ def resolve_batch_layout(cfg: Config, data_parallel: int) -> Config:
         ("eval.batch_size", cfg.eval.batch_size),
     ):
         if size % data_parallel:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}={size} is not divisible by the {data_parallel} data-parallel devices"
             )
     return out
@@ -382,7 +389,8 @@ class Position:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Position:
-        fields = {k: v for k, v in record.items() if k != "method"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in record.items() if k in names}  # not "method", "kept"
         fields["accuracy"] = np.array(
             [[np.nan if v is None else v for v in r] for r in record["accuracy"]], np.float64
         )
@@ -441,7 +449,7 @@ class ContinualRun:
         # (evaluation, Fisher and calibration batches are whole on every process).
         processes = jax.process_count()
         if cfg.train.batch_size % processes:
-            raise ValueError(
+            raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} is not divisible by the"
                 f" {processes} processes"
             )
@@ -490,7 +498,7 @@ class ContinualRun:
                 batching.sequence_lengths(split, self.data.tokenizer, fmt, train=True).max()
             )
             if longest > largest:
-                raise ValueError(
+                raise ConfigError(
                     f"data.length_buckets={list(self.cfg.data.length_buckets)}: task {name!r} has "
                     f"rows of {longest} tokens; add a bucket >= {longest}"
                 )
@@ -702,7 +710,12 @@ class ContinualRun:
                 row[:phase] = np.diag(pos.accuracy)[:phase]
             pos.accuracy[phase] = row
             pos.phase_done = True
-            ckpt.save(pos.global_step, self._state(carried), self._record(pos))
+            ckpt.save(
+                pos.global_step,
+                self._state(carried),
+                self._record(pos),
+                keep=self.cfg.run.keep_task_checkpoints,
+            )
             metrics = self._write_outputs(pos)
             if metrics is not None:
                 self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
@@ -891,7 +904,11 @@ class ContinualRun:
                             # on resume (``_drop_log_after``)
                             log_file.flush()
                             if writer is not None:
-                                writer.flush()
+                                # tensorboardX's flush() leaves events in its writer
+                                # thread's queue; close() drains it. Go on in a new
+                                # event file (without a purge).
+                                writer.close()
+                                writer = _tensorboard(self.run_dir)
                             ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
             finally:
                 progress.close()
@@ -910,7 +927,7 @@ class ContinualRun:
         """A few training batches of the previous task (OSF's importance rule)."""
         if phase == 0 or self.method.joint:
             return []
-        n = int(self.method.hp.get("calibration_batches", 8))
+        n = int(getattr(self.method.opts, "calibration_batches", 8))
         return self._first_batches(
             self.data.train[phase - 1], self.batch_config, self.cfg.data.seed + 11 * phase, n
         )
@@ -925,7 +942,7 @@ class ContinualRun:
     def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
         """Diagonal Fisher of the parameters on ``fisher_batches`` batches of the task,
         all padded to one shape so that the squared gradients are taken in one scan."""
-        n = int(self.method.hp.get("fisher_batches", 8))
+        n = int(getattr(self.method.opts, "fisher_batches", 8))
         lengths = batching.sequence_lengths(
             split, self.data.tokenizer, self.family.format, train=True
         )
@@ -995,7 +1012,16 @@ def _tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
     and after it that an interrupted attempt wrote (a resumed run writes them again)."""
     from tensorboardX import SummaryWriter
 
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+    # tensorboardX names an event file by the second it was opened: a second writer in
+    # the same second would truncate the first's file. A counter keeps the names apart
+    # and in the order written (TensorBoard reads the files in name order).
+    suffix = f".{next(_WRITER_COUNT):06d}"
+    return SummaryWriter(
+        str(run_dir / "tensorboard"), purge_step=purge_step, filename_suffix=suffix
+    )
+
+
+_WRITER_COUNT = itertools.count()
 
 
 def run_experiment(

@@ -35,7 +35,9 @@ import optax
 from flax import nnx
 
 from cljax.cl.backbone import Family
+from cljax.config import build_options, field
 from cljax.data.batching import Batch, EncodedSplit, concatenate_splits
+from cljax.errors import UnknownNameError
 from cljax.models import lora
 from cljax.models.layers import record_layers
 from cljax.optim import gorp as gorp_lib
@@ -88,43 +90,19 @@ def layer_importance(
     return {name: sums[name] / np.maximum(counts[name], 1.0) for name in sums}
 
 
-def check_option(method: str, key: str, value: Any, default: Any, limit: Any) -> None:
-    """A method option's value against the type of its default and its limit; the error
-    names ``method.options.<key>`` (so ``2.0`` for an int, ``"false"`` for a bool or
-    ``"abc"`` for a number fail at start-up, not after a task)."""
-    where = f"method.options.{key}={value!r} ({method})"
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expects True or False")
-    elif isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expects an integer")
-    elif isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{where}: expects a number")
-    elif isinstance(default, str):
-        if not isinstance(value, str):
-            raise ValueError(f"{where}: expects a string")
-    elif default is None and value is not None:  # path-regex lists (targets)
-        if isinstance(value, str) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"{where}: expects a list of regex strings")
-    if limit is None:
-        return
-    if isinstance(limit, tuple) and len(limit) == 2 and not isinstance(limit[0], str):
-        low, high = limit
-        if not low <= value <= high:
-            raise ValueError(f"{where}: must be in [{low}, {high}]")
-    elif value not in limit:
-        raise ValueError(f"{where}: valid: {', '.join(map(str, limit))}")
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """A method without options."""
 
 
 class Method:
     """Base class: full fine-tuning with AdamW, no hooks (this is SeqFT)."""
 
     name: ClassVar[str] = ""
-    defaults: ClassVar[dict[str, Any]] = {}
-    #: option -> (low, high) inclusive range of a number, or a tuple of allowed values
-    limits: ClassVar[dict[str, Any]] = {}
+    #: the frozen dataclass of the method's options: each field has a type, a default,
+    #: its accepted values and a one-line doc (``config.field``); set by the user through
+    #: ``method.options.NAME=VALUE``, listed by ``cljax config``.
+    Options: ClassVar[type] = NoOptions
     #: one training phase on all tasks at once (MTL) instead of a sequence.
     joint: ClassVar[bool] = False
     #: earlier tasks keep their own model (PerTaskFT): their accuracy after task t is
@@ -134,15 +112,7 @@ class Method:
     carries_optimizer_state: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any], family: Family, *, weight_decay: float, seed: int):
-        unknown = sorted(set(options) - set(self.defaults))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for method {self.name!r}; "
-                f"valid: {sorted(self.defaults) or 'none'}"
-            )
-        for key, value in options.items():
-            check_option(self.name, key, value, self.defaults[key], self.limits.get(key))
-        self.hp = {**self.defaults, **options}
+        self.opts = build_options(self.Options, options, "method.options", f"method {self.name!r}")
         self.family = family
         self.weight_decay = weight_decay
         self.seed = seed
@@ -207,12 +177,16 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def get_method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
+    return METHODS[name]
+
+
 def get_method(
     name: str, options: dict[str, Any], family: Family, *, weight_decay: float, seed: int
 ) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; valid: {sorted(METHODS)}")
-    return METHODS[name](options, family, weight_decay=weight_decay, seed=seed)
+    return get_method_class(name)(options, family, weight_decay=weight_decay, seed=seed)
 
 
 def _param_arrays(model: nnx.Module) -> PyTree:
@@ -256,59 +230,62 @@ class MTL(Method):
         return concatenate_splits(splits)
 
 
+@dataclasses.dataclass(frozen=True)
+class OSFOptions:
+    rank_rule: str = field(
+        "fraction",
+        "how many directions are frozen: fraction (of min(m, n)), schedule (max(m, n) *"
+        " schedule_step * t, the authors' run) or importance (the paper's adaptive rule)",
+        choices=("fraction", "schedule", "importance"),
+    )
+    rank_fraction: float = field(
+        0.5, "fraction of min(m, n) frozen by the fraction rule", minimum=0.0, maximum=1.0
+    )
+    schedule_step: float = field(
+        0.07, "per-task increment of the schedule rule", minimum=0.0, maximum=1.0
+    )
+    mrr: float = field(
+        0.1, "minimum retention ratio of the importance rule", minimum=0.0, maximum=1.0
+    )
+    trr: float = field(
+        0.8, "target retention ratio of the importance rule", minimum=0.0, maximum=1.0
+    )
+    calibration_batches: int = field(
+        8, "previous-task batches that measure layer importance", positive=True
+    )
+    mode: str = field(
+        "two_sided", "projection: two_sided (U and V) or block", choices=("two_sided", "block")
+    )
+    untargeted: str = field(
+        "train",
+        "non-target parameters: train (plain AdamW) or freeze (no gradient, no state)",
+        choices=("train", "freeze"),
+    )
+    targets: tuple[str, ...] | None = field(
+        None, "parameter-path regexes of the projected matrices; None: the family's set"
+    )
+
+
 @register
 class OSF(Method):
     """Orthogonal subspace fine-tuning: from task 2 on, the top-k singular directions of
     every targeted matrix are frozen (project -> AdamW -> project)."""
 
     name = "osf"
-    defaults = {
-        # "fraction": k = floor(rank_fraction * min(m, n)) (PEFT's effective_rank);
-        # "schedule": k = floor(max(m, n) * schedule_step * t) (the authors' executed run);
-        # "importance": the paper's adaptive rule, r = mrr + I * (trr - mrr) of min(m, n)
-        # with I from calibration_batches batches of the previous task.
-        "rank_rule": "fraction",
-        "rank_fraction": 0.5,
-        "schedule_step": 0.07,
-        "mrr": 0.1,
-        "trr": 0.8,
-        "calibration_batches": 8,
-        "mode": "two_sided",
-        "untargeted": "train",
-        "targets": None,  # parameter-path regexes; None: the family's (authors' set)
-    }
-    limits = {
-        "rank_rule": ("fraction", "schedule", "importance"),
-        "rank_fraction": (0.0, 1.0),
-        "schedule_step": (0.0, 1.0),
-        "mrr": (0.0, 1.0),
-        "trr": (0.0, 1.0),
-        "calibration_batches": (1, 1 << 20),
-        "mode": ("two_sided", "block"),
-        "untargeted": ("train", "freeze"),
-    }
+    Options = OSFOptions
 
     def __init__(self, options, family, *, weight_decay, seed):
         super().__init__(options, family, weight_decay=weight_decay, seed=seed)
-        if self.hp["untargeted"] not in ("train", "freeze"):
-            raise ValueError(
-                f"osf option untargeted={self.hp['untargeted']!r}; valid: train, freeze"
-            )
-        if self.hp["rank_rule"] not in ("fraction", "schedule", "importance"):
-            raise ValueError(
-                f"osf option rank_rule={self.hp['rank_rule']!r}; valid: fraction, schedule,"
-                " importance"
-            )
         #: the current task's frozen-subspace bases (None on the first task: plain AdamW)
         self.bases: dict[str, Any] | None = None
         self._ranks_used: dict[str, list] = {}
         self._resumed_ranks: dict[str, np.ndarray] | None = None
-        self.targets = tuple(self.hp["targets"] or family.osf_targets)
+        self.targets = self.opts.targets or tuple(family.osf_targets)
 
     def _ranks(self, t: int) -> Any:
-        if self.hp["rank_rule"] == "fraction":
-            return float(self.hp["rank_fraction"])
-        step = float(self.hp["schedule_step"])
+        if self.opts.rank_rule == "fraction":
+            return self.opts.rank_fraction
+        step = self.opts.schedule_step
         return lambda path, shape: schedule_rank(shape, step * t)
 
     def setup(self, model, rngs):
@@ -324,7 +301,7 @@ class OSF(Method):
                 # weights, which the checkpoint no longer holds.
                 ranks: Any = self._resumed_ranks
                 self._resumed_ranks = None
-            elif self.hp["rank_rule"] == "importance":
+            elif self.opts.rank_rule == "importance":
                 ranks = self._importance_ranks(model, params, calibration)
                 self._ranks_used = {p: np.asarray(k).tolist() for p, k in ranks.items()}
             else:
@@ -356,15 +333,15 @@ class OSF(Method):
         return ranks_from_importance(
             normalise_importance(raw),
             {path: np.shape(x) for path, x in matrices.items()},
-            mrr=float(self.hp["mrr"]),
-            trr=float(self.hp["trr"]),
+            mrr=self.opts.mrr,
+            trr=self.opts.trr,
         )
 
     def transform_key(self, t):
         return "adamw" if t == 0 else None  # later tasks: per-task bases
 
     def trainable(self):
-        if self.hp["untargeted"] == "train":
+        if self.opts.untargeted == "train":
             return nnx.Param
         # Frozen untargeted parameters get no gradient at all (not a zeroed one).
         patterns = self.targets
@@ -380,19 +357,29 @@ class OSF(Method):
             learning_rate,
             self.bases,
             weight_decay=self.weight_decay,
-            mode=self.hp["mode"],
-            untargeted=self.hp["untargeted"],
+            mode=self.opts.mode,
+            untargeted=self.opts.untargeted,
         )
 
 
 # --------------------------------------------------------------------------- regularized
 
 
+@dataclasses.dataclass(frozen=True)
+class L2Options:
+    strength: float = field(1.0, "weight of the pull towards the previous weights", minimum=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class EWCOptions:
+    strength: float = field(100.0, "weight of the Fisher-weighted pull", minimum=0.0)
+    fisher_batches: int = field(8, "training batches of each task's Fisher estimate", positive=True)
+
+
 class _Anchored(Method):
     """Full fine-tuning with a quadratic pull towards the previous task's weights."""
 
-    defaults = {"strength": 1.0}
-    limits = {"strength": (0.0, 1e12)}
+    Options = L2Options
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         if t > 0:
@@ -415,7 +402,7 @@ class L2(_Anchored):
         active = jnp.asarray(arrays["active"], jnp.float32)
         return (
             active
-            * self.hp["strength"]
+            * self.opts.strength
             * regularizers.l2_to_anchor(self._params(model), arrays["anchor"])
         )
 
@@ -430,14 +417,13 @@ class EWC(_Anchored):
     diagonal Fisher summed over earlier tasks (squared per-batch gradients at task end)."""
 
     name = "ewc"
-    defaults = {"strength": 100.0, "fisher_batches": 8}
-    limits = {"strength": (0.0, 1e12), "fisher_batches": (1, 1 << 20)}
+    Options = EWCOptions
 
     def setup(self, model, rngs):
         self.arrays["fisher"] = jax.tree.map(jnp.zeros_like, _param_arrays(model))
 
     def penalty(self, model, arrays):
-        return self.hp["strength"] * regularizers.ewc_penalty(
+        return self.opts.strength * regularizers.ewc_penalty(
             self._params(model), arrays["anchor"], arrays["fisher"]
         )
 
@@ -449,23 +435,67 @@ class EWC(_Anchored):
 # --------------------------------------------------------------------------- LoRA family
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRAOptions:
+    lora_rank: int = field(8, "rank r of each LoRA pair", positive=True)
+    lora_alpha: float = field(32.0, "LoRA scaling numerator (scaling alpha / r)", minimum=0.0)
+    lora_dropout: float = field(0.1, "dropout on the adapter input", minimum=0.0, maximum=1.0)
+    lora_targets: tuple[str, ...] | None = field(
+        None, "module-path regexes of the adapted layers; None: attention q and v"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class OLoRAOptions(LoRAOptions):
+    lambda1: float = field(0.5, "weight of the orthogonality term |A_past^T A_t|", minimum=0.0)
+    lambda2: float = field(0.0, "weight of the norm term |A_t| + |B_t|", minimum=0.0)
+    squared: bool = field(
+        False, "squared overlaps (the paper) instead of absolute values (the released code)"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class GORPOptions(LoRAOptions):
+    rank: int = field(8, "GaLore rank of the projected full-weight gradients", positive=True)
+    update_proj_gap: int = field(10, "steps between projector refreshes", positive=True)
+    scale: float = field(1.0, "factor on the back-projected update", minimum=0.0)
+    full_learning_rate: float = field(
+        1e-5, "learning rate of the full-weight targets", minimum=0.0, maximum=1.0
+    )
+    threshold: float = field(
+        0.9, "energy threshold for growing the shared space", minimum=0.0, maximum=1.0
+    )
+    use_shared_space: bool = field(
+        True, "remove the shared space from gradients (False: no shared space at all)"
+    )
+    reproject_update: bool = field(False, "also remove the shared space from Adam's output")
+    lora_basis_side: str = field(
+        "input",
+        "where the shared space of LoRA A lives: input (d_in) or rank (the release)",
+        choices=("input", "rank"),
+    )
+    moments_on_refresh: str = field(
+        "keep", "low-rank Adam moments on a projector refresh", choices=MOMENT_MODES
+    )
+    max_tasks: int = field(
+        16, "task ends the fixed-size shared space holds without truncation", positive=True
+    )
+    full_targets: tuple[str, ...] | None = field(
+        None, "parameter-path regexes of the full-weight targets; None: the family's"
+    )
+
+
 class _LoRAMethod(Method):
-    defaults = {
-        "lora_rank": 8,
-        "lora_alpha": 32.0,
-        "lora_dropout": 0.1,
-        "lora_targets": None,  # module-path regexes; None: the family's (q and v)
-    }
-    limits = {"lora_rank": (1, 1 << 16), "lora_alpha": (0.0, 1e9), "lora_dropout": (0.0, 1.0)}
+    Options: ClassVar[type] = LoRAOptions
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):
         lora.apply_lora(
             model,
-            tuple(self.hp["lora_targets"] or self.family.lora_targets),
-            rank=int(self.hp["lora_rank"]),
-            alpha=float(self.hp["lora_alpha"]),
-            dropout=float(self.hp["lora_dropout"]),
+            self.opts.lora_targets or tuple(self.family.lora_targets),
+            rank=self.opts.lora_rank,
+            alpha=self.opts.lora_alpha,
+            dropout=self.opts.lora_dropout,
             rngs=rngs,
         )
 
@@ -500,16 +530,15 @@ class OLoRA(_LoRAMethod):
     """IncLoRA + ``lambda1 * sum_i |A_i A_t^T|`` (+ ``lambda2 * (|A_t| + |B_t|)``)."""
 
     name = "olora"
-    defaults = {**_LoRAMethod.defaults, "lambda1": 0.5, "lambda2": 0.0, "squared": False}
-    limits = {**_LoRAMethod.limits, "lambda1": (0.0, 1e12), "lambda2": (0.0, 1e12)}
+    Options = OLoRAOptions
 
     def penalty(self, model, arrays):
         pairs = [(m.past_a[...], m.lora_a[...], m.lora_b[...]) for _, m in lora.lora_modules(model)]
         return regularizers.olora_penalty(
             pairs,
-            lambda1=float(self.hp["lambda1"]),
-            lambda2=float(self.hp["lambda2"]),
-            squared=bool(self.hp["squared"]),
+            lambda1=self.opts.lambda1,
+            lambda2=self.opts.lambda2,
+            squared=self.opts.squared,
         )
 
 
@@ -520,34 +549,11 @@ class GORP(_LoRAMethod):
 
     name = "gorp"
     carries_optimizer_state = True
-    defaults = {
-        **_LoRAMethod.defaults,
-        "rank": 8,
-        "update_proj_gap": 10,
-        "scale": 1.0,
-        "full_learning_rate": 1e-5,
-        "threshold": 0.9,
-        "use_shared_space": True,
-        "reproject_update": False,
-        "lora_basis_side": "input",
-        "moments_on_refresh": "keep",
-        "max_tasks": 16,
-        "full_targets": None,  # parameter-path regexes; None: the family's
-    }
-    limits = {
-        **_LoRAMethod.limits,
-        "rank": (1, 1 << 16),
-        "update_proj_gap": (1, 1 << 30),
-        "full_learning_rate": (0.0, 1.0),
-        "threshold": (0.0, 1.0),
-        "max_tasks": (1, 1 << 10),
-        "lora_basis_side": ("input", "rank"),
-        "moments_on_refresh": MOMENT_MODES,
-    }
+    Options = GORPOptions
 
     @property
     def full_targets(self) -> list[str]:
-        return list(self.hp["full_targets"] or self.family.gorp_full_targets)
+        return list(self.opts.full_targets or self.family.gorp_full_targets)
 
     def setup(self, model, rngs):
         super().setup(model, rngs)
@@ -566,26 +572,32 @@ class GORP(_LoRAMethod):
     def optimizer(self, t, params, learning_rate):
         return gorp_lib.gorp(
             learning_rate,
-            int(self.hp["rank"]),
-            int(self.hp["update_proj_gap"]),
-            float(self.hp["scale"]),
+            self.opts.rank,
+            self.opts.update_proj_gap,
+            self.opts.scale,
             full_targets=self.full_targets,
             lora_a_targets=[r"lora_a$"],
-            full_learning_rate=float(self.hp["full_learning_rate"]),
+            full_learning_rate=self.opts.full_learning_rate,
             weight_decay=self.weight_decay,
             eps=1e-6,
-            moments_on_refresh=self.hp["moments_on_refresh"],
-            use_shared_space=bool(self.hp["use_shared_space"]),
-            reproject_update=bool(self.hp["reproject_update"]),
-            lora_basis_side=self.hp["lora_basis_side"],
-            max_tasks=int(self.hp["max_tasks"]),
+            moments_on_refresh=self.opts.moments_on_refresh,
+            use_shared_space=self.opts.use_shared_space,
+            reproject_update=self.opts.reproject_update,
+            lora_basis_side=self.opts.lora_basis_side,
+            max_tasks=self.opts.max_tasks,
         )
 
     def end_task(self, t, model, opt_state, fisher):
-        return gorp_lib.end_task(opt_state, float(self.hp["threshold"]))
+        return gorp_lib.end_task(opt_state, self.opts.threshold)
 
 
 # --------------------------------------------------------------------------- replay
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplayOptions:
+    buffer_per_task: int = field(64, "examples kept from each finished task", minimum=0)
+    mix_ratio: float = field(0.2, "replayed examples per example of the current task", minimum=0.0)
 
 
 @register
@@ -597,8 +609,7 @@ class Replay(Method):
     examples plus ``mix_ratio * len(task t)`` examples drawn from the buffer."""
 
     name = "replay"
-    defaults = {"buffer_per_task": 64, "mix_ratio": 0.2}
-    limits = {"buffer_per_task": (0, 1 << 30), "mix_ratio": (0.0, 1e6)}
+    Options = ReplayOptions
 
     def train_split(self, t, splits):
         if t == 0:
@@ -607,9 +618,9 @@ class Replay(Method):
         buffers = []
         for i in range(t):
             keep = np.random.default_rng([self.seed, i, 11]).permutation(len(splits[i]))
-            buffers.append(_subset(splits[i], keep[: int(self.hp["buffer_per_task"])]))
+            buffers.append(_subset(splits[i], keep[: self.opts.buffer_per_task]))
         pool = concatenate_splits(buffers)
-        n_mix = min(len(pool), int(round(float(self.hp["mix_ratio"]) * len(splits[t]))))
+        n_mix = min(len(pool), int(round(self.opts.mix_ratio * len(splits[t]))))
         mixed = _subset(pool, rng.permutation(len(pool))[:n_mix])
         return concatenate_splits([splits[t], mixed])
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cljax.cl.metrics import ContinualMetrics, summarize
+from cljax.errors import DataError
 
 ACCURACY_FILE = "accuracy.json"
 METRIC_COLUMNS = (
@@ -172,7 +173,7 @@ def final_accuracies(
     tasks = list(records[0][1]["tasks"])
     if any(sorted(rec["tasks"]) != sorted(tasks) for _, rec in records):
         listing = "; ".join(f"{d.name}: {', '.join(rec['tasks'])}" for d, rec in records)
-        raise ValueError(f"cannot compare runs on different tasks ({listing})")
+        raise DataError(f"cannot compare runs on different tasks ({listing})")
     final = np.full((len(records), len(tasks)), np.nan)
     for k, (_, rec) in enumerate(records):
         if rec["tasks_done"]:

@@ -18,7 +18,7 @@ from cljax import parallel
 from cljax.cl.checkpoint import RunCheckpointer
 from cljax.cl.loop import ContinualRun, Position
 from cljax.config import Config, config_from_dict
-from cljax.errors import CljaxError
+from cljax.errors import CljaxError, UnknownNameError
 from cljax.models import lora
 from cljax.models.convert import export_hf_checkpoint
 
@@ -35,10 +35,11 @@ TOKENIZER_FILES = (
 
 
 def restore_run(
-    run_dir: str | Path, log: Callable[[str], None] = print
+    run_dir: str | Path, log: Callable[[str], None] = print, task: str | None = None
 ) -> tuple[ContinualRun, Position]:
     """The run of ``run_dir`` (its saved ``config.json``) with the model of its latest
-    checkpoint; returns the run and where that checkpoint is in the sequence."""
+    checkpoint, or of the end of ``task`` (a task name or its 1-based number in the
+    order); returns the run and where that checkpoint is in the sequence."""
     run_dir = Path(run_dir)
     config_file = run_dir / "config.json"
     if not config_file.is_file():
@@ -47,7 +48,7 @@ def restore_run(
     cfg.run.out_dir, cfg.run.name = str(run_dir.parent), run_dir.name
     run = ContinualRun(cfg, log=log)
     with RunCheckpointer(run_dir / "checkpoints") as ckpt, parallel.use_mesh(run.mesh, run.rules):
-        step = ckpt.latest_step()
+        step = ckpt.latest_step() if task is None else _task_end_step(ckpt, run, task)
         if step is None:
             raise CljaxError(f"no checkpoint in {ckpt.directory}")
         record = ckpt.read_record(step)
@@ -67,13 +68,38 @@ def restore_run(
     return run, pos
 
 
+def _task_end_step(ckpt: RunCheckpointer, run: ContinualRun, task: str) -> int:
+    """The checkpoint step saved at the end of ``task`` (a name or a 1-based number)."""
+    names = list(run.data.names)
+    if run.method.joint:
+        raise CljaxError(f"a {run.method.name} run trains one model on all tasks: omit --task")
+    if task in names:
+        phase = names.index(task)
+    elif task.isdigit() and 1 <= int(task) <= len(names):
+        phase = int(task) - 1
+    else:
+        raise UnknownNameError(f"--task {task!r}: not a task of the run; tasks: {names}")
+    for step in ckpt.all_steps():
+        record = ckpt.read_record(step)
+        if record["phase"] == phase and record["phase_done"]:
+            return step
+    raise CljaxError(
+        f"the checkpoint at the end of task {names[phase]!r} is not in {ckpt.directory}"
+        " (only the latest two are kept: run with run.keep_task_checkpoints=True)"
+    )
+
+
 def export_run(
-    run_dir: str | Path, out_dir: str | Path, log: Callable[[str], None] = print
+    run_dir: str | Path,
+    out_dir: str | Path,
+    log: Callable[[str], None] = print,
+    task: str | None = None,
 ) -> Path:
-    """The latest model of a run as a Hugging Face directory (``config.json``,
-    safetensors, the run's tokenizer files), LoRA pairs merged into their weights, so
-    that ``transformers`` ``from_pretrained`` and ``model.checkpoint=`` load it."""
-    run, pos = restore_run(run_dir, log)
+    """The latest model of a run (or the model at the end of ``task``, a name or a
+    1-based number) as a Hugging Face directory (``config.json``, safetensors, the
+    run's tokenizer files), LoRA pairs merged into their weights, so that
+    ``transformers`` ``from_pretrained`` and ``model.checkpoint=`` load it."""
+    run, pos = restore_run(run_dir, log, task)
     merged = lora.merge_lora(run.model)
     if merged:
         log(f"merged LoRA pairs into {len(merged)} weights")

@@ -41,6 +41,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from cljax.data.sources import Example, TaskData
 from cljax.data.tasks import ANSWER_SUFFIX, DatasetSpec, build_prompt, prompt_head
+from cljax.errors import ConfigError, DataError
 
 Format = Literal["decoder", "seq2seq"]
 CACHE_DIR_ENV = "CLJAX_CACHE_DIR"
@@ -90,9 +91,9 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
     hf = AutoTokenizer.from_pretrained(str(path))
     backend = getattr(hf, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"tokenizer {path}: not a fast (tokenizers-backed) tokenizer")
+        raise DataError(f"tokenizer {path}: not a fast (tokenizers-backed) tokenizer")
     if hf.eos_token_id is None:
-        raise ValueError(f"tokenizer {path}: has no eos token, which ends every target")
+        raise DataError(f"tokenizer {path}: has no eos token, which ends every target")
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
     return TextTokenizer(backend, hf.bos_token_id, hf.eos_token_id, pad, str(path))
 
@@ -222,7 +223,7 @@ def encode_split(
         )
     for i, ex in enumerate(examples):
         if not ex.sentence.strip():
-            raise ValueError(f"dataset {spec.name!r}: example {i} has an empty sentence")
+            raise DataError(f"dataset {spec.name!r}: example {i} has an empty sentence")
     prompt_budget, answer_budget = max_source_tokens - 1, max_target_tokens - 1
     texts = [
         build_prompt(
@@ -239,7 +240,7 @@ def encode_split(
         head_len = len(tokenizer.encode([head])[0])
         keep = prompt_budget - len(tail)
         if keep < head_len:
-            raise ValueError(
+            raise ConfigError(
                 f"dataset {spec.name!r}: max_source_tokens={max_source_tokens} leaves no room "
                 f"for the sentence after the {head_len}-token prompt head and the "
                 f"{len(tail)}-token answer suffix"
@@ -255,7 +256,7 @@ def encode_split(
     label_ids = dict(zip(label_set, tokenizer.encode(label_set), strict=True))
     for label, ids in label_ids.items():
         if not ids:
-            raise ValueError(f"dataset {spec.name!r}: label {label!r} encodes to no tokens")
+            raise DataError(f"dataset {spec.name!r}: label {label!r} encodes to no tokens")
     answers, n_cut_answers = [], 0
     for ex in examples:
         ids = label_ids[ex.label]

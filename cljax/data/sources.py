@@ -25,6 +25,7 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 
 from cljax.data.tasks import DatasetSpec, get_dataset, get_order
+from cljax.errors import DataError
 
 DATA_DIR_ENV = "CLJAX_DATA_DIR"
 SPLIT_FILES = ("train", "dev", "test")
@@ -111,10 +112,6 @@ class SourceConfig:
 def _check_choice(field: str, value: object, valid: Sequence[str]) -> None:
     if value not in valid:
         raise ValueError(f"SourceConfig.{field} must be one of {list(valid)}, got {value!r}")
-
-
-class DataError(ValueError):
-    """Bad benchmark data: the message names the file, item index and field at fault."""
 
 
 # --------------------------------------------------------------------------- JSON directory

@@ -49,6 +49,7 @@ import numpy as np
 
 from cljax.data.sources import Example, TaskData
 from cljax.data.tasks import SENTENCE_PAIR, TEXT_LINE, TITLE_TEXT, DatasetSpec, SentenceLayout
+from cljax.errors import UnknownNameError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         for kind in self.kinds:
             if kind not in KINDS:
-                raise ValueError(
+                raise UnknownNameError(
                     f"unknown synthetic task kind {kind!r} (data.order, SyntheticConfig.kinds);"
                     f" valid kinds: {list(KINDS)}"
                 )

@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
+from cljax.errors import UnknownNameError
+
 #: One instruction per task type, each ending in "Choose one from the option.\n".
 #: COPA has none: its sentence already states the question and the two options.
 INSTRUCTIONS: Mapping[str, str] = {
@@ -265,7 +267,9 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}") from None
+        raise UnknownNameError(
+            f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}"
+        ) from None
 
 
 def get_order(order: int | str) -> tuple[str, ...]:
@@ -277,7 +281,7 @@ def get_order(order: int | str) -> tuple[str, ...]:
         digits = order.removeprefix("order").removeprefix("_")
         key = int(digits) if digits.isdigit() else None
     if key not in ORDERS:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown order {order!r}; valid orders: "
             + ", ".join(f"{k} (order{k})" for k in ORDERS)
         )

@@ -23,6 +23,7 @@ import tensorflow_datasets as tfds
 
 from cljax.data.sources import available_splits, read_labels, read_split_file, resolve_data_dir
 from cljax.data.tasks import DATASETS, DatasetSpec
+from cljax.errors import DataError, UnknownNameError
 
 FILE_FORMAT = "array_record"
 
@@ -85,7 +86,7 @@ def build_tfds(
     ``gs://`` path), reused when present, else built from ``manual_dir`` (the JSON benchmark
     root; None: resolved like ``SourceConfig.data_dir``, see ``sources.resolve_data_dir``)."""
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
+        raise UnknownNameError(f"unknown dataset {name!r}; valid datasets: {', '.join(DATASETS)}")
     builder = ClBenchmark(config=name, data_dir=str(data_dir), file_format=FILE_FORMAT)
     if not builder.is_prepared():
         source = resolve_data_dir(manual_dir)
@@ -107,7 +108,7 @@ def read_tfds_splits(
     builder = build_tfds(spec.name, manual_dir, data_dir)
     stored = list(builder.info.metadata.get("options", []))
     if stored != list(spec.options):
-        raise ValueError(
+        raise DataError(
             f"TFDS dataset {builder.data_dir}: stored options {stored} differ from the "
             f"registered options of {spec.name!r}: {list(spec.options)}"
         )

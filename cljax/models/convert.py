@@ -39,15 +39,12 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cljax import parallel
+from cljax.errors import CheckpointError
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 LAYER = "{layer}"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that does not match what the model family expects."""
 
 
 @dataclasses.dataclass(frozen=True)

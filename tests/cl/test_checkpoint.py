@@ -34,6 +34,20 @@ def test_save_restore_roundtrip_keeps_values_dtypes_and_record(tmp_path):
     np.testing.assert_array_equal(np.asarray(state3["model"]["w"]), 1.0)
 
 
+def test_kept_steps_survive_rotation_and_a_restart(tmp_path):
+    with RunCheckpointer(tmp_path / "ckpt", max_to_keep=2) as ckpt:
+        ckpt.save(1, _state(1.0), {"task": 0}, keep=True)
+        for step in (2, 3, 4):
+            ckpt.save(step, _state(float(step)), {"task": 1})
+        assert ckpt.all_steps() == [1, 3, 4] and ckpt.kept_steps() == [1]
+    with RunCheckpointer(tmp_path / "ckpt", max_to_keep=2) as again:
+        assert again.kept_steps() == [1]  # read back from the records
+        again.save(5, _state(5.0), {"task": 1})
+        assert again.all_steps() == [1, 4, 5]
+        _, record = again.restore(_state(0.0), step=1)
+    assert record == {"task": 0, "kept": True}
+
+
 def test_restore_keeps_the_sharding_of_the_live_state(tmp_path):
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 (fake) devices")
@@ -73,7 +87,8 @@ def test_zero_size_leaves_and_named_tuples_round_trip(tmp_path):
 
 
 def test_restore_names_a_leaf_of_another_shape_and_unreadable_files(tmp_path):
-    from cljax.cl.checkpoint import CheckpointError, CorruptCheckpointError
+    from cljax.cl.checkpoint import CorruptCheckpointError
+    from cljax.errors import CheckpointError
 
     with RunCheckpointer(tmp_path / "ckpt") as ckpt:
         ckpt.save(1, _state(1.0), {"task": 0})

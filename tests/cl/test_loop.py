@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -209,6 +210,36 @@ def test_resume_after_sigkill_gives_the_same_accuracy_matrix(tmp_path, method):
     np.testing.assert_allclose(
         [e["loss"] for e in got_log if "step" in e], [e["loss"] for e in ref_log if "step" in e]
     )
+    # TensorBoard shows the same: every step once (the resumed writer purges the
+    # killed run's events after the checkpoint), the same values
+    ref_tb, got_tb = _tensorboard_scalars(tmp_path / "ref"), _tensorboard_scalars(tmp_path / "int")
+    assert sorted(got_tb) == sorted(ref_tb) and "loss/synth_sentiment" in got_tb
+    for tag, points in ref_tb.items():
+        assert [step for step, _ in got_tb[tag]] == [step for step, _ in points], tag
+        if tag != "train/tokens_per_s":  # a speed: differs between runs
+            got = [v for _, v in got_tb[tag]]
+            np.testing.assert_allclose(got, [v for _, v in points], rtol=1e-5, err_msg=tag)
+
+
+def _tensorboard_scalars(root: Path) -> dict[str, list[tuple[int, float]]]:
+    """The scalars TensorBoard would show, per tag in step order: event files read in
+    the order written, a writer's SessionLog START at step s hiding the earlier events
+    at steps >= s (TensorBoard's purge)."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    shown: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted((root / "resume" / "tensorboard").glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):  # TFRecord: length (8), its crc (4), data, crc (4)
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 16 + length
+            if event.HasField("session_log") and event.session_log.status == SessionLog.START:
+                for tag, points in shown.items():
+                    shown[tag] = [(s, v) for s, v in points if s < event.step]
+            for value in event.summary.value:
+                shown.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return {tag: sorted(points, key=lambda p: p[0]) for tag, points in shown.items()}
 
 
 def test_bad_input_fails_before_training(tmp_path):
@@ -345,8 +376,8 @@ def test_osf_importance_run_resumes_mid_task_with_the_same_result(tmp_path, monk
     interrupted = tiny_config(tmp_path / "int", "llama", "osf", *common)
     save = RunCheckpointer.save
 
-    def save_then_die(self, step, state, record):
-        save(self, step, state, record)
+    def save_then_die(self, step, state, record, **kwargs):
+        save(self, step, state, record, **kwargs)
         if step == 8:  # mid second task, after its importance ranks were computed
             raise KeyboardInterrupt
 
@@ -493,12 +524,18 @@ def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
 @pytest.mark.parametrize(
     "method,option,message",
     [
-        ("osf", "rank_fraction=2.0", r"rank_fraction=2.0 \(osf\): must be in \[0.0, 1.0\]"),
-        ("osf", "calibration_batches=2.0", "calibration_batches=2.0 .*expects an integer"),
-        ("osf", "rank_rule=adaptive", "rank_rule='adaptive' .*valid: fraction, schedule"),
-        ("olora", "lora_rank='abc'", "lora_rank='abc' .*expects an integer"),
-        ("gorp", "use_shared_space='false'", "use_shared_space='false' .*expects True or False"),
-        ("gorp", "threshold=1.5", r"threshold=1.5 \(gorp\): must be in \[0.0, 1.0\]"),
+        (
+            "osf",
+            "rank_fraction=2.0",
+            r"rank_fraction=2.0: must be in \[0.0, 1.0\] \(method 'osf'\)",
+        ),
+        ("osf", "calibration_batches=2.0", "calibration_batches=2.0: expects an integer"),
+        ("osf", "rank_rule=adaptive", "rank_rule='adaptive': must be one of fraction, schedule"),
+        ("olora", "lora_rank='abc'", "lora_rank='abc': expects an integer"),
+        ("gorp", "use_shared_space='false'", "use_shared_space='false': expects True or False"),
+        ("gorp", "threshold=1.5", r"threshold=1.5: must be in \[0.0, 1.0\] \(method 'gorp'\)"),
+        ("gorp", "full_targets='q'", "full_targets='q': expects a list of strings"),
+        ("replay", "buffer_per_task=-1", "buffer_per_task=-1: must be >= 0"),
     ],
 )
 def test_method_options_are_typed_and_checked_at_start_up(tmp_path, method, option, message):

@@ -11,15 +11,24 @@ from transformers import AutoModelForCausalLM
 
 from cljax import cli
 from cljax.cl import loop, saved
+from cljax.cl.checkpoint import RunCheckpointer
 from cljax.models.convert import load_hf_checkpoint
 from tests.cl.test_loop import tiny_config
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """A finished two-task O-LoRA run (rank evaluation of every task)."""
+    """A finished two-task O-LoRA run (rank evaluation of every task), checkpointed every
+    step with the task ends kept."""
     root = tmp_path_factory.mktemp("runs")
-    cfg = tiny_config(root, "llama", "olora", "eval.all_tasks=True")
+    cfg = tiny_config(
+        root,
+        "llama",
+        "olora",
+        "eval.all_tasks=True",
+        "run.checkpoint_every_steps=1",
+        "run.keep_task_checkpoints=True",
+    )
     loop.run_experiment(cfg, log=lambda _: None)
     return cfg, root / cfg.run.name
 
@@ -52,6 +61,21 @@ def test_evaluate_a_run_and_its_export_on_the_config(finished_run, tmp_path, cap
     assert cli.main(["evaluate", str(out), str(_config_file(tmp_path, cfg))]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["accuracy"] == final
+
+
+def test_export_the_model_of_a_chosen_task(finished_run, tmp_path, capsys):
+    cfg, run_dir = finished_run
+    accuracy = json.loads((run_dir / "accuracy.json").read_text())["accuracy"]
+    # task 1's end is older than the latest two checkpoints: kept by the option
+    assert len(RunCheckpointer(run_dir / "checkpoints").all_steps()) == 3
+    out = tmp_path / "after-task-1"
+    assert cli.main(["export", str(run_dir), str(out), "--task", "synth_topic"]) == 0
+    result = saved.evaluate_model(cfg, out, log=lambda _: None)
+    assert result["accuracy"] == accuracy[0]  # the model as it was after task 1
+    assert cli.main(["export", str(run_dir), str(tmp_path / "x"), "--task", "3"]) == 2
+    assert "'3': not a task of the run; tasks: ['synth_topic', 'synth_sentiment']" in (
+        capsys.readouterr().err
+    )
 
 
 def _config_file(tmp_path, cfg):

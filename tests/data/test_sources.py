@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from cljax.data import sources
-from cljax.data.sources import DataError, SourceConfig, load_benchmark, load_task
+from cljax.data.sources import SourceConfig, load_benchmark, load_task
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.data.tasks import build_prompt
+from cljax.errors import DataError
 
 CB_OPTIONS = ["entailment", "contradiction", "neutral"]
 

@@ -14,7 +14,8 @@ import torch
 from safetensors.numpy import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
-from cljax.models.convert import CheckpointError, export_hf_checkpoint, load_hf_checkpoint
+from cljax.errors import CheckpointError
+from cljax.models.convert import export_hf_checkpoint, load_hf_checkpoint
 from tests.models.test_t5 import build_hf_t5, padded_batch
 
 
