@@ -226,7 +226,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(err, OSError) and not isinstance(err, FileNotFoundError):
             if err.errno not in _UNWRITABLE:
                 raise  # not a place the user can fix: keep the traceback
-            print(f"cljax: error: cannot write {err.filename}: {err.strerror}", file=sys.stderr)
+            # a write to an open file (a full disk) carries no file name
+            where = err.filename or "the run's output (run.out_dir)"
+            print(f"cljax: error: cannot write {where}: {err.strerror}", file=sys.stderr)
             return 2
         print(f"cljax: error: {err}", file=sys.stderr)
         return 2

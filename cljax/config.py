@@ -29,10 +29,12 @@ def field(
     choices: Sequence[Any] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    below: float | None = None,
     positive: bool = False,
 ) -> Any:
     """A dataclass field with a documentation string (shown by ``describe``) and the
-    values it accepts (``choices``, ``minimum`` / ``maximum`` inclusive, ``positive``),
+    values it accepts (``choices``, ``minimum`` / ``maximum`` inclusive, ``below``
+    exclusive, ``positive``),
     checked by ``check_value`` (``validate`` for run configs, method options when a
     method is built) before any work."""
     metadata = {
@@ -40,6 +42,7 @@ def field(
         "choices": choices,
         "minimum": minimum,
         "maximum": maximum,
+        "below": below,
         "positive": positive,
     }
     if isinstance(default, dict | list):
@@ -128,9 +131,9 @@ class DataConfig(_Section):
         choices=("exclude", "error", "keep"),
     )
     max_source_length: int = field(
-        512, "prompt tokens kept (the trailing 'Answer:' always kept)", positive=True
+        512, "prompt tokens kept (the trailing 'Answer:' always kept)", minimum=2
     )
-    max_target_length: int = field(50, "label tokens kept", positive=True)
+    max_target_length: int = field(50, "label tokens kept", minimum=2)
     length_buckets: list = field(
         [], "padded sequence lengths allowed (fewer = fewer compiles); [] = powers of two"
     )
@@ -223,6 +226,56 @@ class RunConfig(_Section):
 
 
 @dataclasses.dataclass
+class PretrainConfig(_Section):
+    """``cljax pretrain``: the corpus, the objective and the instruction stage."""
+
+    evaluated_order: str = field(
+        "",
+        "the order (order1..order6) or comma-separated tasks the base will be evaluated"
+        " on: left out of the corpus, and no sentence of their test splits may be in it",
+    )
+    corpus_tasks: str = field(
+        "auto",
+        "benchmark datasets whose training sentences form the corpus (comma-separated);"
+        " auto: every dataset here not in pretrain.evaluated_order; empty: none",
+    )
+    files: list = field([], "text (.txt paragraphs), JSON Lines or JSON files of the corpus")
+    heldout_fraction: float = field(
+        0.02, "corpus documents held out to measure the objective", minimum=0.0, maximum=0.5
+    )
+    sequence_length: int = field(
+        128, "tokens per window (LLaMA) / corrupted input length (T5)", minimum=8
+    )
+    noise_density: float = field(
+        0.15, "T5 span corruption: fraction of the tokens corrupted", minimum=0.01, maximum=0.9
+    )
+    mean_noise_span: float = field(3.0, "T5 span corruption: mean span length", minimum=1.0)
+    sentinels: int = field(100, "T5 sentinel tokens <extra_id_N> of a trained tokenizer", minimum=1)
+    steps: int = field(1000, "optimizer steps of the language-model stage", positive=True)
+    eval_batches: int = field(8, "held-out batches of the objective's before/after", positive=True)
+    tokenizer_vocab_size: int = field(
+        4096,
+        "vocabulary of the tokenizer trained on the corpus (data.tokenizer='bpe')",
+        minimum=259,
+    )
+    instruction_steps: int = field(
+        0,
+        "optimizer steps of the instruction stage: all corpus tasks at once in the"
+        " benchmark's prompt format (0 = no instruction stage)",
+        minimum=0,
+    )
+    instruction_learning_rate: float = field(
+        0.0, "learning rate of the instruction stage (0 = train.learning_rate)", minimum=0.0
+    )
+    instruction_train_per_class: int = field(
+        200, "training examples per class of each instruction task", positive=True
+    )
+    instruction_test_per_class: int = field(
+        25, "held-out examples per class of each instruction task (its accuracy)", positive=True
+    )
+
+
+@dataclasses.dataclass
 class Config(_Section):
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -230,6 +283,7 @@ class Config(_Section):
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -368,7 +422,9 @@ def limits_text(f: dataclasses.Field) -> str:
     meta = f.metadata
     if meta.get("choices") is not None:
         return "one of " + ", ".join(map(str, meta["choices"]))
-    low, high = meta.get("minimum"), meta.get("maximum")
+    low, high, below = meta.get("minimum"), meta.get("maximum"), meta.get("below")
+    if low is not None and below is not None:
+        return f"in [{low}, {below})"
     if low is not None and high is not None:
         return f"in [{low}, {high}]"
     if meta.get("positive"):
@@ -390,12 +446,20 @@ def check_value(key: str, value: Any, f: dataclasses.Field) -> None:
             (not meta.get("positive") or value > 0)
             and (meta.get("minimum") is None or value >= meta["minimum"])
             and (meta.get("maximum") is None or value <= meta["maximum"])
+            and (meta.get("below") is None or value < meta["below"])
         )
     if not ok:
         raise ConfigError(f"{key}={value!r}: must be {limits_text(f)}")
 
 
-_TYPE_WORDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+_TYPE_WORDS = {
+    bool: "True or False",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a dict",
+    list: "a list",
+}
 
 
 def _strict_value(value: Any, annotation: Any, key: str) -> Any:
@@ -457,8 +521,13 @@ def validate(cfg: Config) -> Config:
     cross-field facts; the error names the config key. Returns ``cfg``."""
     for section in dataclasses.fields(cfg):
         node = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(node))
         for f in dataclasses.fields(node):
-            check_value(f"{section.name}.{f.name}", getattr(node, f.name), f)
+            key = f"{section.name}.{f.name}"
+            # a config file's assignments are not checked when made: check them here
+            value = _strict_value(getattr(node, f.name), hints[f.name], key)
+            setattr(node, f.name, value)
+            check_value(key, value, f)
     if not [n for n in cfg.data.order.split(",") if n.strip()]:
         raise ConfigError("data.order is empty: name an order (order1..order6) or tasks")
     # The method's options (the methods module imports JAX: only loaded here).
@@ -525,7 +594,11 @@ def resume_diff(saved: dict[str, Any], current: Config) -> list[str]:
             if not any(k == e or k.startswith(e + ".") for e in RESUME_EXEMPT)
         }
 
-    before, after = comparable(saved), comparable(current.to_dict())
+    try:  # a key newer than the saved config counts as its default there
+        before = comparable(config_from_dict(saved).to_dict())
+    except (UnknownNameError, TypeError):  # a key cljax no longer has: shown as changed
+        before = comparable(saved)
+    after = comparable(current.to_dict())
     missing = object()
     return [
         f"{key}: {before.get(key, '(unset)')!r} -> {after.get(key, '(unset)')!r}"

@@ -100,7 +100,8 @@ def test_readme_override_example_runs_at_the_given_learning_rate(capsys):
     assert shown["method"]["options"]["rank_rule"] == "schedule"  # osf's own settings stay
 
 
-def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys):
+def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run.out_dir is "runs", relative
     config = tmp_path / "exp.py"
     config.write_text(PER_METHOD_CONFIG)
     assert cli.main(["run", str(config), "--methods", "seqft,osff"]) == 2
@@ -109,7 +110,8 @@ def test_every_method_name_is_checked_before_the_first_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
-def test_every_method_option_is_checked_before_the_first_run(tmp_path, capsys):
+def test_every_method_option_is_checked_before_the_first_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # run.out_dir is "runs", relative
     config = tmp_path / "exp.py"
     config.write_text(PER_METHOD_CONFIG)
     bad = "method.per_method={'osf': {'method.options.rank_fraction': 2.0}}"

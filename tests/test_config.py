@@ -103,6 +103,29 @@ def test_bad_run_values_are_named_before_any_work(override, message):
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "line,message",
+    [
+        ("cfg.train.epochs = 2.5", "train.epochs=2.5: expects an integer"),
+        ("cfg.train.batch_size = '4'", "train.batch_size='4': expects an integer"),
+        ("cfg.run.progress = 'no'", "run.progress='no': expects True or False"),
+        ("cfg.data.length_buckets = 64", "data.length_buckets=64: expects a list"),
+    ],
+)
+def test_config_file_values_are_typed(tmp_path, line, message):
+    path = tmp_path / "exp.py"
+    path.write_text(
+        f"from cljax.config import Config\ndef get_config():\n    cfg = Config()\n    {line}\n"
+        "    return cfg\n"
+    )
+    with pytest.raises(ValueError) as err:
+        cfgmod.resolve(cfgmod.load_config(path))
+    assert message in str(err.value)
+    cfg = cfgmod.Config()
+    cfg.train.learning_rate = 1  # an int where a float is expected: taken as 1.0
+    assert cfgmod.resolve(cfg).train.learning_rate == 1.0
+
+
 def test_config_file_setting_an_unknown_attribute_is_named(tmp_path):
     path = tmp_path / "exp.py"
     path.write_text(

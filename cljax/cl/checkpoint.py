@@ -20,6 +20,8 @@ import orbax.checkpoint as ocp
 from cljax.errors import CheckpointError, CljaxError
 
 PyTree = Any
+# Failures of the machine, not of the files: never a reason to set a checkpoint aside.
+_NOT_CORRUPTION = (MemoryError, jax.errors.JaxRuntimeError)
 
 
 class CorruptCheckpointError(CljaxError, RuntimeError):
@@ -142,6 +144,8 @@ class RunCheckpointer:
             restored = self._manager.restore(
                 step, args=ocp.args.Composite(record=ocp.args.JsonRestore())
             )
+        except _NOT_CORRUPTION:
+            raise
         except Exception as err:  # orbax raises many kinds for broken files
             raise CorruptCheckpointError(step, self.step_path(step), err) from err
         return restored["record"]
@@ -158,6 +162,8 @@ class RunCheckpointer:
         named, leaves, treedef = _flat(like)
         try:
             saved = self._manager.item_metadata(step)["state"].tree
+        except _NOT_CORRUPTION:
+            raise
         except Exception as err:
             raise CorruptCheckpointError(step, path, err) from err
         for name, leaf in named.items():
@@ -176,6 +182,8 @@ class RunCheckpointer:
         )
         try:
             restored = self._manager.restore(step, args=args)
+        except _NOT_CORRUPTION:
+            raise
         except Exception as err:
             raise CorruptCheckpointError(step, path, err) from err
         values = iter(restored["state"][name] for name in named)

@@ -14,13 +14,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import math
-import os
-import shutil
-import socket
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,80 +33,27 @@ from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import CorruptCheckpointError, RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
 from cljax.cl.methods import Method, get_method
-from cljax.config import RESUME_EXEMPT, Config, resolve, resume_diff
+from cljax.cl.rundir import (
+    Progress,
+    RunLock,
+    StepLog,
+    claim_run_dir,
+    drop_log_after,
+    sync,
+)
+from cljax.config import Config, resolve
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.data.tasks import get_dataset, get_order
 from cljax.errors import (
     CljaxError,
-    ConfigChangedError,
     ConfigError,
-    NonFiniteLossError,
-    RunLockedError,
 )
 from cljax.models import lora
 from cljax.optim.regularizers import fisher_diagonal, stack_batches
 
 PyTree = Any
-
-
-class RunLock:
-    """``<run dir>/.lock``: one process at a time writes a run directory. The file names
-    its holder (host, PID); a lock whose process is gone (same host, dead PID) is taken
-    over with a warning. Taken by the first process of a multi-host run only."""
-
-    def __init__(self, run_dir: Path, log: Callable[[str], None]):
-        self.path = run_dir / ".lock"
-        self.log = log
-        self.held = False
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                holder = self._holder()
-                if holder is not None and not self._stale(holder, me["host"]):
-                    raise RunLockedError(
-                        f"{self.path.parent} is being written by process {holder['pid']} on"
-                        f" {holder['host']} (lock {self.path}); wait for it to end, or delete"
-                        " the lock file if that process is gone"
-                    ) from None
-                self.log(f"warning: taking over the stale lock {self.path} ({holder})")
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise RunLockedError(f"could not take the lock {self.path}")
-
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.path.read_text())
-            return holder if {"host", "pid"} <= set(holder) else None
-        except (OSError, ValueError):
-            return None  # unreadable: left by a process killed while writing it
-
-    @staticmethod
-    def _stale(holder: dict[str, Any], host: str) -> bool:
-        if holder["host"] != host:
-            return False  # cannot tell whether a process on another host lives
-        try:
-            os.kill(int(holder["pid"]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
 
 
 # --------------------------------------------------------------------------- data
@@ -160,6 +102,8 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         names = get_order(names[0]) if single else names
         for name in names:  # every name checked before any file is read
             get_dataset(name)
+        if data.source == "json":  # a missing benchmark root is no dataset to skip
+            sources.resolve_data_dir(source_cfg.data_dir)
         tasks = []
         for name in names:
             try:
@@ -429,6 +373,9 @@ class ContinualRun:
         self.method = self._new_method()  # checks the method's name and options now
         self.rules = parallel.rules_with(cfg.run.rules)
         self.mesh = parallel.make_mesh(dict(cfg.run.mesh) or None)
+        # the config as asked for: saved and compared on resume (the batch layout below
+        # follows from the devices, and run.mesh may change between attempts)
+        self.requested = cfg
         cfg = self.cfg = resolve_batch_layout(
             cfg, parallel.data_parallel_size(self.mesh, self.rules)
         )
@@ -460,7 +407,7 @@ class ContinualRun:
             process_count=processes,
         )
         self._check_buckets()
-        self._purge_step: int | None = None  # set when resuming (``_drop_log_after``)
+        self._purge_step: int | None = None  # set when resuming (``drop_log_after``)
 
     def _new_method(self) -> Method:
         cfg = self.cfg
@@ -584,7 +531,7 @@ class ContinualRun:
             if self.main_process:
                 kept = ckpt.set_aside(err.step)
                 self.log(f"warning: {err}; kept as {kept}, resuming from the previous one")
-            _sync("cljax_fall_back")
+            sync("cljax_fall_back")
             if ckpt.latest_step() is None:
                 raise CljaxError(
                     f"no readable checkpoint in {ckpt.directory} (unreadable ones are kept as"
@@ -595,9 +542,15 @@ class ContinualRun:
         self._build_state()
 
     def _locked_run(self) -> report.ContinualMetrics | None:
-        self._claim_run_dir()
+        claim_run_dir(
+            self.run_dir,
+            self.requested,
+            restart=self.restart,
+            main_process=self.main_process,
+            log=self.log,
+        )
         if self.main_process:
-            (self.run_dir / "config.json").write_text(self.cfg.to_json())
+            (self.run_dir / "config.json").write_text(self.requested.to_json())
             data_info = {
                 "tasks": list(self.data.names),
                 "metadata": list(self.data.metadata),
@@ -605,6 +558,9 @@ class ContinualRun:
                 "vocab_size": self.data.tokenizer.vocab_size,
                 "skipped": list(self.data.skipped),
                 "processes": jax.process_count(),
+                # the batch layout on these devices (train.effective_batch_size)
+                "batch_size": self.cfg.train.batch_size,
+                "grad_accum_steps": self.cfg.train.grad_accum_steps,
                 "devices": jax.device_count(),
             }
             (self.run_dir / "data.json").write_text(json.dumps(data_info, indent=2, default=str))
@@ -616,58 +572,6 @@ class ContinualRun:
         if metrics is not None:
             self.log(report.metrics_table([(self.cfg.method.name, metrics)]))
         return metrics
-
-    def _drop_log_after(self, global_step: int) -> None:
-        """Keep the ``metrics.jsonl`` entries up to the restored checkpoint's step: the
-        steps after it are trained (and logged) again, so the log has neither gaps nor
-        duplicates. TensorBoard's are hidden by the next writer's ``purge_step``."""
-        self._purge_step = global_step + 1
-        path = self.run_dir / "metrics.jsonl"
-        if not self.main_process or not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                continue
-            if entry.get("global_step", 0) <= global_step:
-                kept.append(line)
-        path.write_text("".join(line + "\n" for line in kept))
-
-    def _claim_run_dir(self) -> None:
-        """Make the run directory this config's: a directory holding a checkpoint of
-        another config is refused with the changed keys (``config.resume_diff``), unless
-        ``restart`` clears it first; one without a checkpoint starts afresh."""
-        saved_config = self.run_dir / "config.json"
-        checkpoints = self.run_dir / "checkpoints"
-        if self.restart and self.run_dir.exists():
-            if self.main_process:
-                self.log(f"--restart: clearing {self.run_dir}")
-                for entry in self.run_dir.iterdir():
-                    if entry.name == ".lock":
-                        continue
-                    if entry.is_dir():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
-            _sync("cljax_restart")
-        has_checkpoint = checkpoints.is_dir() and any(
-            p.name.isdigit() for p in checkpoints.iterdir()
-        )
-        if has_checkpoint and saved_config.is_file():
-            changed = resume_diff(json.loads(saved_config.read_text()), self.cfg)
-            if changed:
-                raise ConfigChangedError(
-                    f"{self.run_dir} holds a run of another config; changed: "
-                    + "; ".join(changed)
-                    + ". Start it over with --restart (restart=True), or name a new run"
-                    f" (run.name=...). Keys that may change on resume: {', '.join(RESUME_EXEMPT)}"
-                )
-        elif self.main_process and (self.run_dir / "metrics.jsonl").exists():
-            # nothing to resume: the log of an attempt that never checkpointed is stale
-            (self.run_dir / "metrics.jsonl").unlink()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _run(self, ckpt: RunCheckpointer) -> report.ContinualMetrics | None:
         names, method = self.data.names, self.method
@@ -686,7 +590,9 @@ class ContinualRun:
             if not pos.phase_done:
                 method.restore_record(record.get("method", {}))
             self.log(f"resuming {self.run_dir} at phase {pos.phase}, step {pos.step}")
-            self._drop_log_after(pos.global_step)
+            self._purge_step = pos.global_step + 1
+            if self.main_process:
+                drop_log_after(self.run_dir, pos.global_step)
             for p in range(pos.phase + 1):  # rebuild the structure the arrays were saved in
                 method.prepare(p, self.model, self.rngs)
             if pos.phase_done:
@@ -710,16 +616,18 @@ class ContinualRun:
                 row[:phase] = np.diag(pos.accuracy)[:phase]
             pos.accuracy[phase] = row
             pos.phase_done = True
+            # The evaluation is logged before the checkpoint that holds it: a kill in
+            # between resumes from the previous checkpoint, which drops it and logs it anew.
+            metrics = self._write_outputs(pos)
+            if metrics is not None:
+                self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
+                self._log_evaluation(pos, row, metrics)
             ckpt.save(
                 pos.global_step,
                 self._state(carried),
                 self._record(pos),
                 keep=self.cfg.run.keep_task_checkpoints,
             )
-            metrics = self._write_outputs(pos)
-            if metrics is not None:
-                self.log(f"after {self._phase_name(phase)}: AA {metrics.average_accuracy:.2f}")
-                self._log_evaluation(pos, row, metrics)
         return self._write_outputs(pos)
 
     def _log_evaluation(
@@ -734,15 +642,13 @@ class ContinualRun:
             "average_accuracy": metrics.average_accuracy,
             "bwt": metrics.backward_transfer,
         }
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        writer = _tensorboard(self.run_dir)
-        for task, value in accuracy.items():
-            writer.add_scalar(f"accuracy/{task}", value, pos.global_step)
-        writer.add_scalar("metrics/average_accuracy", metrics.average_accuracy, pos.global_step)
+        scalars = {f"accuracy/{task}": value for task, value in accuracy.items()}
+        scalars["metrics/average_accuracy"] = metrics.average_accuracy
         if metrics.backward_transfer is not None:
-            writer.add_scalar("metrics/bwt", metrics.backward_transfer, pos.global_step)
-        writer.close()
+            scalars["metrics/bwt"] = metrics.backward_transfer
+        steplog = StepLog(self.run_dir, enabled=True)
+        steplog.write(entry, scalars, pos.global_step)
+        steplog.close()
 
     def _phase_name(self, phase: int) -> str:
         return "all tasks" if self.method.joint else self.data.names[phase]
@@ -831,89 +737,65 @@ class ContinualRun:
         per_epoch = batching.num_batches(len(split), self.batch_config)
         micro, total_micro = pos.step * accum, total * accum
         key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
-        writer = _tensorboard(self.run_dir, self._purge_step) if self.main_process else None
+        steplog = StepLog(self.run_dir, self.main_process, self._purge_step)
         self._purge_step = None
-        progress = _Progress(total, pos.step, name, cfg.run.progress, self.log)
+        progress = Progress(total, pos.step, name, cfg.run.progress, self.log)
         schedule = learning_rate_schedule(cfg, total)
         tokens = 0
         started = time.perf_counter()
-        log_path = self.run_dir / "metrics.jsonl" if self.main_process else os.devnull
-        with open(log_path, "a") as log_file:
-            try:
-                while micro < total_micro:
-                    epoch, offset = divmod(micro, per_epoch)
-                    for batch in batching.train_batches(
-                        split,
-                        self.data.tokenizer,
-                        self.train_batch_config,
-                        epoch=epoch,
-                        seed=cfg.data.seed + 1000 * phase,
-                        start_step=offset,
-                    ):
-                        if micro >= total_micro:
-                            break
-                        params, opt_state, stats = step_fn(
-                            params,
-                            opt_state,
-                            rest,
-                            device_batch(batch, self.mesh, self.rules, per_process=True),
-                            jax.random.fold_in(key, micro),
-                            method.arrays,
-                        )
-                        tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
-                        micro += 1
-                        if micro % accum:
-                            continue
-                        pos.step += 1
-                        pos.global_step += 1
-                        loss, loss_total = float(stats["loss"]), float(stats["total"])
-                        finite = bool(stats["finite"])
-                        if not (math.isfinite(loss) and math.isfinite(loss_total) and finite):
-                            what = f"loss {loss_total}" if finite else "parameters after the update"
-                            raise NonFiniteLossError(
-                                f"non-finite {what} in task {name!r} (phase {phase}) at step "
-                                f"{pos.step}; the last good checkpoint (step "
-                                f"{ckpt.latest_step()}) is kept in {ckpt.directory}"
-                            )
-                        seconds = time.perf_counter() - started
-                        entry = {
-                            "phase": phase,
-                            "task": name,
-                            "step": pos.step,
-                            "global_step": pos.global_step,
-                            "loss": loss,
-                            "total_loss": loss_total,
-                            # the last micro-batch's gradient norm, before clipping
-                            "grad_norm": float(stats["grad_norm"]),
-                            "learning_rate": float(schedule(pos.step - 1)),
-                            "tokens_per_s": round(tokens / max(seconds, 1e-9), 1),
-                            "seconds": round(seconds, 3),
-                        }
-                        log_file.write(json.dumps(entry) + "\n")
-                        if writer is not None:
-                            writer.add_scalar(f"loss/{name}", loss, pos.global_step)
-                            for key_name in ("grad_norm", "learning_rate", "tokens_per_s"):
-                                writer.add_scalar(
-                                    f"train/{key_name}", entry[key_name], pos.global_step
-                                )
-                        progress.update(loss)
-                        every = cfg.run.checkpoint_every_steps
-                        if every and pos.step % every == 0 and pos.step < total:
-                            nnx.update(self.model, params, rest)
-                            # the log holds every step up to the checkpoint, and no more
-                            # on resume (``_drop_log_after``)
-                            log_file.flush()
-                            if writer is not None:
-                                # tensorboardX's flush() leaves events in its writer
-                                # thread's queue; close() drains it. Go on in a new
-                                # event file (without a purge).
-                                writer.close()
-                                writer = _tensorboard(self.run_dir)
-                            ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
-            finally:
-                progress.close()
-                if writer is not None:
-                    writer.close()
+        try:
+            while micro < total_micro:
+                epoch, offset = divmod(micro, per_epoch)
+                for batch in batching.train_batches(
+                    split,
+                    self.data.tokenizer,
+                    self.train_batch_config,
+                    epoch=epoch,
+                    seed=cfg.data.seed + 1000 * phase,
+                    start_step=offset,
+                ):
+                    if micro >= total_micro:
+                        break
+                    params, opt_state, stats = step_fn(
+                        params,
+                        opt_state,
+                        rest,
+                        device_batch(batch, self.mesh, self.rules, per_process=True),
+                        jax.random.fold_in(key, micro),
+                        method.arrays,
+                    )
+                    tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
+                    micro += 1
+                    if micro % accum:
+                        continue
+                    pos.step += 1
+                    pos.global_step += 1
+                    seconds = time.perf_counter() - started
+                    loss = steplog.step(
+                        stats,
+                        where=f"task {name!r} (phase {phase})",
+                        checkpoints=ckpt.directory,
+                        last_checkpoint=ckpt.latest_step(),
+                        step=pos.step,
+                        global_step=pos.global_step,
+                        learning_rate=float(schedule(pos.step - 1)),
+                        tokens_per_s=tokens / max(seconds, 1e-9),
+                        seconds=seconds,
+                        loss_tag=f"loss/{name}",
+                        phase=phase,
+                        task=name,
+                    )
+                    progress.update(loss)
+                    every = cfg.run.checkpoint_every_steps
+                    if every and pos.step % every == 0 and pos.step < total:
+                        nnx.update(self.model, params, rest)
+                        # the log holds every step up to the checkpoint, and no more on
+                        # resume (``drop_log_after``)
+                        steplog.checkpointed()
+                        ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
+        finally:
+            progress.close()
+            steplog.close()
         nnx.update(self.model, params, rest)
         return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
 
@@ -966,62 +848,8 @@ class ContinualRun:
         return jax.jit(compute, out_shardings=shardings)(params, rest, stacked)
 
 
-class _Progress:
-    """Progress of a task: a tqdm bar (loss, steps/s, ETA) on a terminal; written to a
-    file or pipe, a plain line every tenth of the task instead (a bar's carriage returns
-    make a log unreadable). Off when ``enabled`` is False."""
-
-    def __init__(self, total: int, done: int, name: str, enabled: bool, log: Callable[[str], None]):
-        self.bar = None
-        self.total, self.done, self.name, self.log = total, done, name, log
-        self.enabled = enabled
-        self.every = max(total // 10, 1)
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=done, desc=name, unit="step", leave=False)
-
-    def update(self, loss: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
-            self.bar.update(1)
-        elif self.enabled and (self.done % self.every == 0 or self.done == self.total):
-            percent = 100 * self.done // self.total
-            self.log(f"  {self.name}: step {self.done}/{self.total} ({percent}%), loss {loss:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _silent(_: str) -> None:
     pass
-
-
-def _sync(name: str) -> None:
-    """Wait for every process of a multi-host run (no-op on one)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def _tensorboard(run_dir: Path, purge_step: int | None = None) -> Any:
-    """The run's TensorBoard writer; ``purge_step``: TensorBoard hides the events at
-    and after it that an interrupted attempt wrote (a resumed run writes them again)."""
-    from tensorboardX import SummaryWriter
-
-    # tensorboardX names an event file by the second it was opened: a second writer in
-    # the same second would truncate the first's file. A counter keeps the names apart
-    # and in the order written (TensorBoard reads the files in name order).
-    suffix = f".{next(_WRITER_COUNT):06d}"
-    return SummaryWriter(
-        str(run_dir / "tensorboard"), purge_step=purge_step, filename_suffix=suffix
-    )
-
-
-_WRITER_COUNT = itertools.count()
 
 
 def run_experiment(

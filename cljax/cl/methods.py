@@ -23,9 +23,10 @@ one can be overridden through ``method.options`` and unknown names are rejected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
 import jax
@@ -37,7 +38,7 @@ from flax import nnx
 from cljax.cl.backbone import Family
 from cljax.config import build_options, field
 from cljax.data.batching import Batch, EncodedSplit, concatenate_splits
-from cljax.errors import UnknownNameError
+from cljax.errors import ConfigError, UnknownNameError
 from cljax.models import lora
 from cljax.models.layers import record_layers
 from cljax.optim import gorp as gorp_lib
@@ -88,6 +89,16 @@ def layer_importance(
     if not sums:
         raise ValueError("no calibration batch reached a layer stack")
     return {name: sums[name] / np.maximum(counts[name], 1.0) for name in sums}
+
+
+@contextlib.contextmanager
+def _option_error(key: str, method: str) -> Iterator[None]:
+    """A method option the model cannot take (target patterns matching nothing) as a
+    one-line config error naming ``method.options.<key>``."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"method.options.{key} ({method}): {err}") from err
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,7 +301,8 @@ class OSF(Method):
 
     def setup(self, model, rngs):
         # Fails here, before any training, when the targets match nothing.
-        select_targets(nnx.state(model, nnx.Param), self.targets)
+        with _option_error("targets", self.name):
+            select_targets(nnx.state(model, nnx.Param), self.targets)
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         self.bases = None
@@ -439,7 +451,7 @@ class EWC(_Anchored):
 class LoRAOptions:
     lora_rank: int = field(8, "rank r of each LoRA pair", positive=True)
     lora_alpha: float = field(32.0, "LoRA scaling numerator (scaling alpha / r)", minimum=0.0)
-    lora_dropout: float = field(0.1, "dropout on the adapter input", minimum=0.0, maximum=1.0)
+    lora_dropout: float = field(0.1, "dropout on the adapter input", minimum=0.0, below=1.0)
     lora_targets: tuple[str, ...] | None = field(
         None, "module-path regexes of the adapted layers; None: attention q and v"
     )
@@ -463,7 +475,7 @@ class GORPOptions(LoRAOptions):
         1e-5, "learning rate of the full-weight targets", minimum=0.0, maximum=1.0
     )
     threshold: float = field(
-        0.9, "energy threshold for growing the shared space", minimum=0.0, maximum=1.0
+        0.9, "energy threshold for growing the shared space", positive=True, maximum=1.0
     )
     use_shared_space: bool = field(
         True, "remove the shared space from gradients (False: no shared space at all)"
@@ -490,6 +502,10 @@ class _LoRAMethod(Method):
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):
+        with _option_error("lora_targets", self.name):
+            self._apply_lora(model, rngs)
+
+    def _apply_lora(self, model, rngs):
         lora.apply_lora(
             model,
             self.opts.lora_targets or tuple(self.family.lora_targets),
@@ -558,7 +574,9 @@ class GORP(_LoRAMethod):
     def setup(self, model, rngs):
         super().setup(model, rngs)
         # Fails here, before any training, when the full-weight targets match nothing.
-        resolve_targets(nnx.state(model, nnx.Param), self.full_targets, what="GORP full target")
+        with _option_error("full_targets", self.name):
+            params = nnx.state(model, nnx.Param)
+            resolve_targets(params, self.full_targets, what="GORP full target")
 
     def trainable(self):
         patterns = self.full_targets

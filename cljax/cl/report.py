@@ -183,37 +183,61 @@ def final_accuracies(
     return tasks, final
 
 
+def run_colours(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours (up to 20): tab10, then tab20's light shades, so that
+    neighbouring bars never share a hue."""
+    import matplotlib
+
+    tab20 = matplotlib.colormaps["tab20"]
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [tab20(order[k % 20]) for k in range(n)]
+
+
+def run_labels(records: Sequence[tuple[Path, dict[str, Any]]]) -> list[str]:
+    """``method (run directory)`` per run, from each run's own record; directories of
+    the same name are told apart by their parent."""
+    names = [d.name for d, _ in records]
+    return [
+        f"{rec['method']} ({d.parent.name + '/' if names.count(d.name) > 1 else ''}{d.name})"
+        for d, rec in records
+    ]
+
+
+def comparison_figure(labels: Sequence[str], tasks: Sequence[str], final: np.ndarray) -> Any:
+    """Grouped bars of the final accuracy per task ``(runs, tasks)``, one colour and
+    legend entry per run, with a title; returns the matplotlib figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = run_colours(len(labels))
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(tasks), 4.5))
+    for k, name in enumerate(labels):
+        x = np.arange(len(tasks)) + k * width
+        ax.bar(x, np.nan_to_num(final[k]), width, label=name, color=colours[k])
+    ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=45, ha="right")
+    ax.set_ylabel("final accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"Final accuracy per task, {len(labels)} runs")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    return fig
+
+
 def compare_runs(run_dirs: Sequence[Path], plot_path: Path | None = None) -> str:
     """One table (runs x AA / BWT / FWT / forgetting) over several run directories, and
     optionally a bar plot of the final per-task accuracies, aligned by task name (runs
-    on different tasks are refused). Bars are labelled ``method (run directory)``."""
+    on different tasks are refused). Runs are labelled ``method (run directory)``."""
     records = [(Path(d), read_accuracy(Path(d))) for d in run_dirs]
-    rows = [(f"{rec['method']} ({d.name})", rec.get("metrics")) for d, rec in records]
+    labels = run_labels(records)
+    rows = [(label, rec.get("metrics")) for label, (_, rec) in zip(labels, records, strict=True)]
     tasks, final = final_accuracies(records)
     if plot_path is not None:
-        import matplotlib
-
-        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        # tab10, or tab20 beyond 10 runs: distinct colours for up to 20 runs
-        cmap = plt.get_cmap("tab10" if len(records) <= 10 else "tab20")
-        width = 0.8 / len(records)
-        fig, ax = plt.subplots(figsize=(2.5 + 1.2 * len(tasks), 4.5))
-        for k, (name, _) in enumerate(rows):
-            ax.bar(
-                np.arange(len(tasks)) + k * width,
-                np.nan_to_num(final[k]),
-                width,
-                label=name,
-                color=cmap(k % cmap.N),
-            )
-        ax.set_xticks(np.arange(len(tasks)) + 0.4 - width / 2, tasks, rotation=45, ha="right")
-        ax.set_ylabel("final accuracy (%)")
-        ax.set_ylim(0, 100)
-        ax.set_title(f"Final accuracy per task, {len(records)} runs")
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.tight_layout()
+        fig = comparison_figure(labels, tasks, final)
         fig.savefig(plot_path, dpi=100, bbox_inches="tight")  # keeps the outside legend
         plt.close(fig)
     return metrics_table(rows)

@@ -120,19 +120,21 @@ def evaluate_model(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Accuracy of ``model`` (a run directory or a Hugging Face directory) on every task
-    of ``cfg``: ``{"tasks": [...], "accuracy": [...], "model": str}``."""
+    of ``cfg``: ``{"tasks": [...], "accuracy": [...], "model": str}``. The model's own
+    tokenizer encodes the tasks (the run's, or the directory's tokenizer files), unless
+    ``overrides`` name one (``data.tokenizer=...``)."""
     model = Path(model)
     if (model / "config.json").is_file() and (model / "checkpoints").is_dir():
         run, _ = restore_run(model, log)
-        # the run's model, the config's tasks and evaluation settings
-        evaluated = ContinualRun(cfg, overrides=[*overrides, "eval.all_tasks=True"], log=log)
+        # the run's model and tokenizer, the config's tasks and evaluation settings
+        own = [f"data.tokenizer={run.data.tokenizer.path}", "eval.all_tasks=True"]
+        evaluated = ContinualRun(cfg, overrides=[*own, *overrides], log=log)
         evaluated.model = run.model
     else:
-        evaluated = ContinualRun(
-            cfg,
-            overrides=[*overrides, f"model.checkpoint={model}", "eval.all_tasks=True"],
-            log=log,
-        )
+        own = [f"model.checkpoint={model}", "eval.all_tasks=True"]
+        if any((model / name).is_file() for name in TOKENIZER_FILES):
+            own.append(f"data.tokenizer={model}")
+        evaluated = ContinualRun(cfg, overrides=[*own, *overrides], log=log)
     with parallel.use_mesh(evaluated.mesh, evaluated.rules):
         row = evaluated.evaluate_row(len(evaluated.data.names))
     return {

@@ -104,18 +104,24 @@ def default_cache_dir() -> Path:
 
 
 def train_tokenizer(
-    texts: Sequence[str], vocab_size: int, cache_dir: str | os.PathLike[str] | None = None
+    texts: Sequence[str],
+    vocab_size: int,
+    cache_dir: str | os.PathLike[str] | None = None,
+    extra_specials: Sequence[str] = (),
 ) -> TextTokenizer:
     """A byte-level BPE tokenizer trained on ``texts``, cached by content.
 
     Byte-level (GPT-2 style pre-tokenisation over the 256 byte symbols), so it encodes any
-    text without unknown tokens; specials ``<pad>`` (0), ``<s>`` (bos, 1), ``</s>`` (eos, 2).
+    text without unknown tokens; specials ``<pad>`` (0), ``<s>`` (bos, 1), ``</s>`` (eos, 2),
+    then ``extra_specials`` (e.g. T5's sentinels ``<extra_id_0>``, ...), never split.
     Training is deterministic; the result is saved as a Hugging Face tokenizer directory
     ``<cache_dir>/tokenizers/bpe<vocab>-<sha256 of texts>`` and reused when present.
     """
-    if vocab_size < 256 + len(_BPE_SPECIALS):
-        raise ValueError(f"vocab_size must be >= {256 + len(_BPE_SPECIALS)}, got {vocab_size}")
-    digest = hashlib.sha256(f"{_BPE_VERSION}\0{vocab_size}".encode())
+    specials = [*_BPE_SPECIALS, *extra_specials]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be >= {256 + len(specials)}, got {vocab_size}")
+    key = f"{_BPE_VERSION}\0{vocab_size}" + "".join(f"\0{t}" for t in extra_specials)
+    digest = hashlib.sha256(key.encode())
     for text in texts:
         digest.update(b"\0" + text.encode("utf-8"))
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -126,7 +132,7 @@ def train_tokenizer(
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=list(_BPE_SPECIALS),
+            special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -241,7 +247,7 @@ def encode_split(
         keep = prompt_budget - len(tail)
         if keep < head_len:
             raise ConfigError(
-                f"dataset {spec.name!r}: max_source_tokens={max_source_tokens} leaves no room "
+                f"dataset {spec.name!r}: data.max_source_length={max_source_tokens} leaves no room "
                 f"for the sentence after the {head_len}-token prompt head and the "
                 f"{len(tail)}-token answer suffix"
             )

@@ -136,7 +136,7 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
     raise FileNotFoundError(
         "benchmark data directory not found ("
         + "; ".join(tried)
-        + f"). Set data.data_dir (SourceConfig.data_dir) or ${DATA_DIR_ENV} to a folder laid"
+        + f"). Set data.data_dir or ${DATA_DIR_ENV} to a folder laid"
         + " out as "
         "<Type>/<Dataset>/{train,test,labels}.json"
     )

@@ -123,7 +123,7 @@ class SyntheticConfig:
         for kind in self.kinds:
             if kind not in KINDS:
                 raise UnknownNameError(
-                    f"unknown synthetic task kind {kind!r} (data.order, SyntheticConfig.kinds);"
+                    f"unknown synthetic task kind {kind!r} in data.order;"
                     f" valid kinds: {list(KINDS)}"
                 )
         if not self.kinds:

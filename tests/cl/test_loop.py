@@ -19,6 +19,7 @@ from flax import nnx
 from cljax.cl import loop
 from cljax.cl.methods import METHODS
 from cljax.config import Config, apply_overrides
+from cljax.errors import ConfigChangedError, ConfigError, NonFiniteLossError, RunLockedError
 from cljax.models.layers import record_layers
 from cljax.optim.osf import osf_bases
 from cljax.optim.subspace import named_leaves
@@ -249,7 +250,9 @@ def test_bad_input_fails_before_training(tmp_path):
         loop.ContinualRun(
             tiny_config(tmp_path, "llama", "osf", "method.options.rank_fractoin=0.3"), log=_quiet
         )
-    with pytest.raises(ValueError, match="nonexistent_proj"):
+    with pytest.raises(
+        ConfigError, match=r"method.options.targets \(osf\): OSF target pattern .nonexistent_proj."
+    ):
         loop.ContinualRun(
             tiny_config(tmp_path, "llama", "osf", "method.options.targets=['nonexistent_proj']"),
             log=_quiet,
@@ -284,8 +287,11 @@ def test_non_finite_training_stops_with_task_and_step(tmp_path):
         "train.clip_norm=0.0",
         "run.checkpoint_every_steps=1",
     )
-    with pytest.raises(loop.NonFiniteLossError, match=r"task 'synth_topic' \(phase 0\) at step 1"):
+    with pytest.raises(NonFiniteLossError) as err:
         loop.run_experiment(cfg, log=_quiet)
+    assert "task 'synth_topic' (phase 0) at step 1 (global step 1); no checkpoint was saved" in (
+        str(err.value)
+    )
     # No checkpoint was written from the broken weights.
     assert not list((tmp_path / cfg.run.name / "checkpoints").glob("[0-9]*"))
 
@@ -406,7 +412,10 @@ def test_osf_freeze_trains_only_the_targets(tmp_path):
 
 
 def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
-    cfg = tiny_config(tmp_path, "llama", "seqft")
+    # an effective batch of 8: 4 rows x 2 accumulated on 1 device, 4 x 1 on 2 devices
+    cfg = tiny_config(
+        tmp_path, "llama", "seqft", "train.effective_batch_size=8", "train.per_device_batch_size=4"
+    )
     first = loop.run_experiment(cfg, log=_quiet)
     saved = (tmp_path / cfg.run.name / "config.json").read_text()
     for overrides, shown in (
@@ -414,19 +423,25 @@ def test_resume_refuses_a_changed_config_and_restart_starts_over(tmp_path):
         (["data.order=sentiment,topic"], "data.order: 'topic,sentiment' -> 'sentiment,topic'"),
         (["method.name=osf"], "method.name: 'seqft' -> 'osf'"),
     ):
-        with pytest.raises(loop.ConfigChangedError, match=re.escape(shown)):
+        with pytest.raises(ConfigChangedError, match=re.escape(shown)):
             loop.run_experiment(cfg, overrides=overrides, log=_quiet)
         # the saved config is untouched by a refused attempt
         assert (tmp_path / cfg.run.name / "config.json").read_text() == saved
-    # layout and progress keys may change: the finished run is simply reported again
-    again = loop.run_experiment(
-        cfg, overrides=["run.progress=True", "run.checkpoint_every_steps=5"], log=_quiet
-    )
+    # layout and progress keys may change (the batch layout they derive too): the
+    # finished run is simply reported again
+    layout = ["run.progress=True", "run.checkpoint_every_steps=5", "run.mesh={'data': 2}"]
+    again = loop.run_experiment(cfg, overrides=layout, log=_quiet)
     assert again.average_accuracy == first.average_accuracy
+    # a config.json written before a key existed: the key counts as its default
+    path = tmp_path / cfg.run.name / "config.json"
+    older = json.loads(path.read_text())
+    del older["pretrain"], older["run"]["keep_task_checkpoints"]
+    path.write_text(json.dumps(older))
+    assert loop.run_experiment(cfg, log=_quiet).average_accuracy == first.average_accuracy
     loop.run_experiment(cfg, overrides=["train.seed=7"], restart=True, log=_quiet)
     assert json.loads((tmp_path / cfg.run.name / "config.json").read_text())["train"]["seed"] == 7
     steps = train_log(tmp_path / cfg.run.name)
-    assert [s["step"] for s in steps] == [1, 2, 1, 2]  # only the restarted run's log
+    assert [s["step"] for s in steps] == [1, 2, 1]  # only the restarted run's log
 
 
 def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_path):
@@ -438,7 +453,7 @@ def test_a_live_lock_refuses_a_second_writer_and_a_stale_one_is_taken_over(tmp_p
     lock = run_dir / ".lock"
     holder = {"host": socket.gethostname(), "pid": os.getpid()}  # a live process
     lock.write_text(json.dumps(holder))
-    with pytest.raises(loop.RunLockedError, match=f"process {os.getpid()} on {holder['host']}"):
+    with pytest.raises(RunLockedError, match=f"process {os.getpid()} on {holder['host']}"):
         loop.run_experiment(cfg, log=_quiet)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -493,6 +508,10 @@ def test_missing_datasets_are_an_error_or_skipped_and_recorded(benchmark_dir, gp
     data = loop.load_benchmark_data(cfg)
     assert data.names == ("agnews",)
     assert [s["dataset"] for s in data.skipped] == ["yahoo"]
+    # a missing benchmark root is an error even with skip (not "no dataset left")
+    cfg.data.data_dir = str(benchmark_dir / "nowhere")
+    with pytest.raises(FileNotFoundError, match="benchmark data directory not found"):
+        loop.load_benchmark_data(cfg)
 
 
 def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
@@ -533,7 +552,9 @@ def test_piped_output_has_progress_lines_and_the_log_has_evaluations(tmp_path):
         ("osf", "rank_rule=adaptive", "rank_rule='adaptive': must be one of fraction, schedule"),
         ("olora", "lora_rank='abc'", "lora_rank='abc': expects an integer"),
         ("gorp", "use_shared_space='false'", "use_shared_space='false': expects True or False"),
-        ("gorp", "threshold=1.5", r"threshold=1.5: must be in \[0.0, 1.0\] \(method 'gorp'\)"),
+        ("gorp", "threshold=1.5", r"threshold=1.5: must be > 0 and <= 1.0 \(method 'gorp'\)"),
+        ("gorp", "threshold=0.0", r"threshold=0.0: must be > 0 and <= 1.0"),
+        ("seqlora", "lora_dropout=1.0", r"lora_dropout=1.0: must be in \[0.0, 1.0\)"),
         ("gorp", "full_targets='q'", "full_targets='q': expects a list of strings"),
         ("replay", "buffer_per_task=-1", "buffer_per_task=-1: must be >= 0"),
     ],

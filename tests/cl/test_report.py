@@ -61,7 +61,7 @@ def test_joint_run_writes_one_row(tmp_path):
 
 def _finished(root, name, tasks, final):
     run = root / name
-    run.mkdir()
+    run.mkdir(parents=True)
     acc = np.full((len(tasks), len(tasks)), 50.0)
     acc[-1] = final
     report.write_accuracy(run, method=name.split("-")[0], tasks=tasks, accuracy=acc)
@@ -81,3 +81,17 @@ def test_compare_aligns_runs_by_task_name_and_refuses_different_tasks(tmp_path):
     c = _finished(tmp_path, "osf-c", ["topic", "sentiment"], [1.0, 2.0])
     with pytest.raises(ValueError, match="different tasks .*seqft-a: agnews, amazon.*osf-c: topic"):
         report.compare_runs([a, c], plot)
+
+
+def test_comparison_plot_has_a_title_labels_and_distinct_colours(tmp_path):
+    runs = [_finished(tmp_path / f"p{k}", "run", ["x", "y"], [k, k + 1.0]) for k in range(2)]
+    records = [(d, report.read_accuracy(d)) for d in runs]
+    labels = report.run_labels(records)
+    assert labels == ["run (p0/run)", "run (p1/run)"]  # same name: told apart by the parent
+    tasks, final = report.final_accuracies(records)
+    fig = report.comparison_figure(labels, tasks, final)
+    ax = fig.axes[0]
+    assert ax.get_title() == "Final accuracy per task, 2 runs"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y"]
+    assert len(set(report.run_colours(16))) == 16

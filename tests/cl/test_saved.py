@@ -61,6 +61,9 @@ def test_evaluate_a_run_and_its_export_on_the_config(finished_run, tmp_path, cap
     assert cli.main(["evaluate", str(out), str(_config_file(tmp_path, cfg))]) == 0
     shown = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert shown["accuracy"] == final
+    # a config on other tasks: its own "bpe" tokenizer would differ; the model's is used
+    one_task = saved.evaluate_model(cfg, out, ["data.order=topic"], log=lambda _: None)
+    assert one_task["tasks"] == ["synth_topic"] and one_task["accuracy"] == final[:1]
 
 
 def test_export_the_model_of_a_chosen_task(finished_run, tmp_path, capsys):

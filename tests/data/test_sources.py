@@ -287,7 +287,7 @@ def test_synthetic_label_is_the_majority_class_and_tasks_conflict():
 
 
 def test_synthetic_config_errors():
-    with pytest.raises(ValueError, match=r"unknown synthetic task kind 'poetry' \(data.order"):
+    with pytest.raises(ValueError, match=r"unknown synthetic task kind 'poetry' in data.order"):
         SyntheticConfig(kinds=("topic", "poetry"))
     with pytest.raises(ValueError, match="cannot be spread"):
         SyntheticConfig(words_per_example=12, label_words=3)
