@@ -96,6 +96,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from cljax.pretrain.run import run_pretrain
+
+    cfg = _load(args.config, args.overrides)
+    run_pretrain(cfg, overrides=args.overrides, restart=args.restart)
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -160,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-timeout", type=int, default=300, help="seconds to wait for the coordinator"
     )
     run.set_defaults(func=cmd_run)
+    pretrain = sub.add_parser(
+        "pretrain",
+        help="pretrain a small base (language model, then optional instruction stage) as a"
+        " Hugging Face directory",
+    )
+    pretrain.add_argument("config", help="a Python config file defining get_config()")
+    pretrain.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    pretrain.add_argument(
+        "--restart", action="store_true", help="clear the run directory and start over"
+    )
+    pretrain.set_defaults(func=cmd_pretrain)
     compare = sub.add_parser("compare", help="one table (and plot) over several run dirs")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--plot", type=Path, default=None, help="write a bar plot here")

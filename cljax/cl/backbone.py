@@ -90,6 +90,11 @@ class Family:
             raise ConfigError(
                 f"model.preset={cfg.preset!r} with model.overrides={cfg.overrides}: {err}"
             ) from err
+        if model_cfg.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(
+                f"model vocab_size {model_cfg.vocab_size} (model.overrides) is smaller than the"
+                f" {tokenizer.vocab_size} tokens of tokenizer {tokenizer.path} (data.tokenizer)"
+            )
         if mesh is None or mesh.size == 1:
             return self.model_class(model_cfg, rngs=rngs), model_cfg
         factory = lambda r: self.model_class(model_cfg, rngs=r)
