@@ -46,7 +46,9 @@ def test_compare_prints_one_table(tmp_path, capsys):
         )
     assert cli.main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split()[0] == "method" and len(lines) == 4
+    assert lines[0].split()[0] == "method" and lines[4] == ""  # the table, then words
+    assert lines[5].startswith("a (a): reached 85% on each task right after training on it")
+    assert len(lines) == 7
     assert lines[3].split()[:3] == ["b", "(b)", "80.00"]
 
 

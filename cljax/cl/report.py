@@ -101,6 +101,60 @@ def read_accuracy(run_dir: Path) -> dict[str, Any]:
     return record
 
 
+def in_words(record: dict[str, Any]) -> str:
+    """One sentence on a finished run, from its numbers: whether it learned each task
+    (the accuracy right after training on it, against the untrained model's when that
+    was measured) and how much of each earlier task it kept at the end."""
+    acc, tasks = record["accuracy"], record["tasks"]
+    if acc.shape[0] != acc.shape[1]:
+        return f"trained on all tasks at once: {np.nanmean(acc[0]):.0f}% on average"
+    done = record["tasks_done"]
+    diag = np.diag(acc)[:done]
+    base = record.get("base")
+    if base is not None:
+        gains = diag - np.asarray(base[:done], np.float64)
+        missed = [
+            f"{tasks[i]} ({diag[i]:.0f}% vs {base[i]:.0f}% untrained)"
+            for i in range(done)
+            if gains[i] < 5
+        ]
+        learned = (
+            f"did not learn {', '.join(missed)}"
+            if missed
+            else f"learned every task (+{gains.mean():.0f} points over the untrained model)"
+        )
+    else:
+        learned = f"reached {diag.mean():.0f}% on each task right after training on it"
+    if done < 2:
+        return learned
+    final = acc[done - 1]
+    kept = [
+        f"{100 * max(final[i], 0.0) / diag[i]:.0f}% of {tasks[i]}"
+        if diag[i] > 0
+        else f"{tasks[i]}: -"
+        for i in range(done - 1)
+    ]
+    return f"{learned}; kept {', '.join(kept)} at the end"
+
+
+def versus(record: dict[str, Any], reference: dict[str, Any]) -> str:
+    """A run against a reference run (SeqFT) on the same tasks: task 1 learned to what
+    share of the reference's accuracy, and whether it forgot less (BWT closer to 0)."""
+    first = record["accuracy"][0, 0] / max(reference["accuracy"][0, 0], 1e-9) * 100
+    words = [f"task 1 at {first:.0f}% of {reference['method']}'s accuracy"]
+    mine = (record.get("metrics") or {}).get("backward_transfer")
+    theirs = (reference.get("metrics") or {}).get("backward_transfer")
+    if mine is not None and theirs is not None:
+        if abs(mine) < abs(theirs):
+            words.append(f"forgot less than {reference['method']} (BWT {mine:.1f} vs {theirs:.1f})")
+        else:
+            words.append(
+                f"did NOT forget less than {reference['method']} on this run"
+                f" (BWT {mine:.1f} vs {theirs:.1f})"
+            )
+    return "; ".join(words)
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -240,4 +294,27 @@ def compare_runs(run_dirs: Sequence[Path], plot_path: Path | None = None) -> str
         fig = comparison_figure(labels, tasks, final)
         fig.savefig(plot_path, dpi=100, bbox_inches="tight")  # keeps the outside legend
         plt.close(fig)
-    return metrics_table(rows)
+    return metrics_table(rows) + "\n\n" + "\n".join(words_for_runs(labels, records))
+
+
+def words_for_runs(
+    labels: Sequence[str], records: Sequence[tuple[Path, dict[str, Any]]]
+) -> list[str]:
+    """``label: in words`` per finished run, and, when a SeqFT run is among them, each
+    sequential run against it (``versus``)."""
+    reference = next((rec for _, rec in records if rec["method"] == "seqft"), None)
+    lines = []
+    for label, (_, rec) in zip(labels, records, strict=True):
+        if not rec["tasks_done"]:
+            continue
+        line = f"{label}: {in_words(rec)}"
+        sequential = rec["accuracy"].shape[0] == rec["accuracy"].shape[1]
+        if (
+            reference is not None
+            and rec is not reference
+            and sequential
+            and reference["tasks_done"]
+        ):
+            line += f". Against {reference['method']}: {versus(rec, reference)}"
+        lines.append(line)
+    return lines

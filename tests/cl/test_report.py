@@ -95,3 +95,33 @@ def test_comparison_plot_has_a_title_labels_and_distinct_colours(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
     assert [t.get_text() for t in ax.get_xticklabels()] == ["x", "y"]
     assert len(set(report.run_colours(16))) == 16
+
+
+def test_runs_are_described_in_words_from_their_numbers(tmp_path):
+    tasks = ["a", "b", "c"]
+    seqft = tmp_path / "seqft"
+    osf = tmp_path / "osf"
+    for run, matrix in (
+        (seqft, [[80.0, 10.0, 10.0], [20.0, 90.0, 10.0], [10.0, 30.0, 70.0]]),
+        (osf, [[80.0, 10.0, 10.0], [70.0, 85.0, 10.0], [60.0, 80.0, 30.0]]),
+    ):
+        run.mkdir()
+        report.write_accuracy(
+            run, method=run.name, tasks=tasks, accuracy=np.array(matrix), base=[25.0, 30.0, 28.0]
+        )
+    rec_seqft, rec_osf = report.read_accuracy(seqft), report.read_accuracy(osf)
+    assert report.in_words(rec_seqft) == (
+        "learned every task (+52 points over the untrained model); kept 12% of a, 33% of b at"
+        " the end"
+    )
+    assert report.in_words(rec_osf) == (
+        "did not learn c (30% vs 28% untrained); kept 75% of a, 94% of b at the end"
+    )
+    assert report.versus(rec_osf, rec_seqft) == (
+        "task 1 at 100% of seqft's accuracy; forgot less than seqft (BWT -12.5 vs -65.0)"
+    )
+    assert report.versus(rec_seqft, rec_osf).endswith(
+        "did NOT forget less than osf on this run (BWT -65.0 vs -12.5)"
+    )
+    table = report.compare_runs([seqft, osf])
+    assert "osf (osf): did not learn c" in table and "Against seqft: task 1 at 100%" in table
