@@ -1,32 +1,39 @@
-"""The embedded demo: the built-in synthetic benchmark (3 procedurally generated tasks,
-no files needed) with a tiny LLaMA trained from scratch, through SeqFT, OSF, GORP,
+"""The demo: the built-in synthetic benchmark (3 procedurally generated tasks, no files
+needed) learned in sequence from the tiny pretrained LLaMA base committed under
+``experiments/bases/tiny-llama`` (made by ``cljax pretrain
+experiments/configs/pretrain_tiny.py`` from benchmark text), through SeqFT, OSF, GORP,
 O-LoRA and MTL:
 
     cljax run experiments/configs/demo.py --methods seqft,osf,gorp,olora,mtl
 
-(``make demo``). Sizes are chosen so that all five methods finish in a few minutes on
-a 2-core CPU. The model starts from random weights, not from a pretrained LM, so the
-LoRA-based methods adapt every projection (rank 16) rather than only q and v, and the
-learning rates are a from-scratch tiny model's, not the published fine-tuning ones.
+(``make demo``). Sizes keep the five runs within about 3.5 minutes on a 2-core CPU; the
+printed comparison ends with a line of plain words per method, derived from its
+accuracy matrix. The LoRA-based methods adapt every projection (rank 16): at this model
+size, q and v alone learn the tasks too slowly for a demo. Settings were chosen on runs
+with ``data.seed=7 train.seed=7`` (other synthetic samples), not on the demo's own.
 """
+
+from pathlib import Path
 
 from cljax.config import Config
 
+BASE = Path(__file__).resolve().parents[1] / "bases" / "tiny-llama"
 ALL_PROJECTIONS = [r"attn/[qkvo]_proj$", r"mlp/(gate|up|down)_proj$"]
 
 
 def get_config() -> Config:
     cfg = Config()
     cfg.model.family = "llama"
-    cfg.model.preset = "tiny"
+    cfg.model.checkpoint = str(BASE)
     cfg.data.source = "synthetic"
     cfg.data.order = "topic,sentiment,entailment"
-    cfg.data.train_per_class = 96
-    cfg.data.test_per_class = 16
-    cfg.data.tokenizer = "bpe"
-    cfg.data.length_buckets = [96]
-    cfg.train.batch_size = 16
-    cfg.train.epochs = 12
+    cfg.data.train_per_class = 48
+    cfg.data.test_per_class = 32
+    cfg.data.tokenizer = str(BASE)
+    cfg.data.max_source_length = 128
+    cfg.data.length_buckets = [144]
+    cfg.train.batch_size = 8
+    cfg.train.epochs = 9
     cfg.train.learning_rate = 2e-3
     lora = {
         "method.options.lora_targets": ALL_PROJECTIONS,
