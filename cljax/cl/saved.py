@@ -34,6 +34,13 @@ TOKENIZER_FILES = (
 )
 
 
+def copy_tokenizer_files(tokenizer_dir: str | Path, out: Path) -> None:
+    """The Hugging Face tokenizer files of ``tokenizer_dir`` into the export ``out``."""
+    for name in TOKENIZER_FILES:
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, out / name)
+
+
 def restore_run(
     run_dir: str | Path, log: Callable[[str], None] = print, task: str | None = None
 ) -> tuple[ContinualRun, Position]:
@@ -104,10 +111,7 @@ def export_run(
     if merged:
         log(f"merged LoRA pairs into {len(merged)} weights")
     out = export_hf_checkpoint(run.model, run.model_cfg, out_dir)
-    tokenizer_dir = Path(run.data.tokenizer.path)
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copy(tokenizer_dir / name, out / name)
+    copy_tokenizer_files(run.data.tokenizer.path, out)
     where = "end of" if pos.phase_done else f"step {pos.step} of"
     log(f"exported the model at the {where} phase {pos.phase} to {out}")
     return out

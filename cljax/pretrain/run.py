@@ -40,14 +40,16 @@ from cljax.cl.checkpoint import RunCheckpointer
 from cljax.cl.loop import (
     device_batch,
     init_optimizer,
+    learning_rate_schedule,
     make_train_step,
+    make_transform,
     optimizer_shardings,
     run_experiment,
     shardings_of,
 )
 from cljax.cl.methods import get_method
 from cljax.cl.rundir import Progress, RunLock, StepLog, claim_run_dir, drop_log_after
-from cljax.cl.saved import TOKENIZER_FILES, export_run
+from cljax.cl.saved import copy_tokenizer_files, export_run
 from cljax.config import Config, apply_overrides, resolve
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, TextTokenizer
@@ -73,6 +75,7 @@ class Plan:
       train_windows / heldout_windows: int32 (N, W) token windows of the training and
         held-out documents (W = sequence_length + 1 for LLaMA, the raw span-corruption
         window for T5).
+      sentinel_ids: T5's sentinel token ids (``<extra_id_0>``, ...); empty for LLaMA.
       tokens: training tokens in the windows.
     """
 
@@ -81,6 +84,7 @@ class Plan:
     tokenizer: TextTokenizer
     train_windows: np.ndarray
     heldout_windows: np.ndarray
+    sentinel_ids: tuple[int, ...]
 
     @property
     def tokens(self) -> int:
@@ -137,7 +141,7 @@ def plan(cfg: Config, log: Callable[[str], None] = print) -> Plan:
         tokenizer = batching.train_tokenizer(texts, pre.tokenizer_vocab_size, None, sentinels)
     else:
         tokenizer = batching.load_tokenizer(cfg.data.tokenizer)
-    _sentinel_ids(tokenizer, sentinels)  # checked here; the trainer looks them up again
+    sentinel_ids = tuple(_sentinel_ids(tokenizer, sentinels))
     if pre.instruction_steps:
         _check_prompt_room(cfg, tokenizer, tasks)
     rng = np.random.default_rng([cfg.data.seed, 17])
@@ -161,7 +165,7 @@ def plan(cfg: Config, log: Callable[[str], None] = print) -> Plan:
         f"corpus: {len(corpus.documents)} documents ({counts}), {train.size} training tokens"
         f" in {len(train)} windows, {heldout.size} held out"
     )
-    return Plan(corpus, tuple(tasks), tokenizer, train, heldout)
+    return Plan(corpus, tuple(tasks), tokenizer, train, heldout, sentinel_ids)
 
 
 def _check_prompt_room(cfg: Config, tokenizer: TextTokenizer, tasks: Sequence[str]) -> None:
@@ -201,10 +205,9 @@ def _sentinel_ids(tokenizer: TextTokenizer, sentinels: Sequence[str]) -> list[in
     return ids
 
 
-def objective_batch(
-    cfg: Config, tokenizer: TextTokenizer, windows: np.ndarray, seed: Sequence[int]
-) -> Batch:
+def objective_batch(cfg: Config, the_plan: Plan, windows: np.ndarray, seed: Sequence[int]) -> Batch:
     """The family's objective on ``windows``; ``seed`` fixes T5's spans."""
+    tokenizer = the_plan.tokenizer
     if cfg.model.family == "t5":
         pre = cfg.pretrain
         return objectives.span_batch(
@@ -212,7 +215,7 @@ def objective_batch(
             np.random.default_rng(list(seed)),
             noise_density=pre.noise_density,
             mean_noise_span=pre.mean_noise_span,
-            sentinel_ids=_sentinel_ids(tokenizer, sentinel_tokens(pre.sentinels)),
+            sentinel_ids=the_plan.sentinel_ids,
             eos_id=tokenizer.eos_id,
             pad_id=tokenizer.pad_id,
         )
@@ -259,7 +262,7 @@ class LanguageModelStage:
         total = 0.0
         for b in range(n):
             batch = objective_batch(
-                cfg, self.plan.tokenizer, windows[b * size : (b + 1) * size], (cfg.data.seed, b, 5)
+                cfg, self.plan, windows[b * size : (b + 1) * size], (cfg.data.seed, b, 5)
             )
             total += float(loss(state, device_batch(batch, self.mesh, self.rules)))
         self.model.train()
@@ -272,8 +275,6 @@ class LanguageModelStage:
         total = cfg.pretrain.steps
         accum = cfg.train.grad_accum_steps
         graphdef, params, rest = nnx.split(self.model, nnx.Param, ...)
-        from cljax.cl.loop import learning_rate_schedule, make_transform
-
         tx = make_transform(cfg, self.method, 0, params, total)
         shardings = (
             shardings_of(params),
@@ -307,7 +308,7 @@ class LanguageModelStage:
                 if micro >= total * accum:
                     break
                 batch = objective_batch(
-                    cfg, self.plan.tokenizer, self.plan.train_windows[rows], (cfg.data.seed, micro)
+                    cfg, self.plan, self.plan.train_windows[rows], (cfg.data.seed, micro)
                 )
                 params, opt_state, stats = step_fn(
                     params,
@@ -352,22 +353,15 @@ class LanguageModelStage:
     def export(self, out: Path, record: dict[str, Any]) -> None:
         """The trained model as a Hugging Face directory with the tokenizer's files."""
         export_hf_checkpoint(self.model, self.model_cfg, out)
-        copy_tokenizer(self.plan.tokenizer, out)
+        copy_tokenizer_files(self.plan.tokenizer.path, out)
         (out / DONE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-
-
-def copy_tokenizer(tokenizer: TextTokenizer, out: Path) -> None:
-    source = Path(tokenizer.path)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy(source / name, out / name)
 
 
 def instruction_config(cfg: Config, lm_dir: Path, tasks: Sequence[str], run_dir: Path) -> Config:
     """The instruction stage as a continual run: the ``mtl`` method on the corpus's
     benchmark tasks, from the language model, in the protocol's prompt format."""
     pre = cfg.pretrain
-    staged = apply_overrides(
+    return apply_overrides(
         cfg,
         [
             f"data.order={','.join(tasks)}",
@@ -391,7 +385,6 @@ def instruction_config(cfg: Config, lm_dir: Path, tasks: Sequence[str], run_dir:
             "run.name=instruction",
         ],
     )
-    return staged
 
 
 def run_pretrain(
