@@ -114,6 +114,13 @@ class DataConfig(_Section):
         "carve a stratified test split of this fraction where one is missing (0 = error)",
         minimum=0,
     )
+    validation_per_class: int = field(
+        0,
+        "carve this many training examples per class as a validation split and evaluate on it"
+        " instead of the test split, which is then never read: for choosing settings"
+        " (0 = evaluate on test; json/tfds only)",
+        minimum=0,
+    )
     empty_sentences: str = field(
         "error",
         "an item with an empty sentence: error | exclude (counted and reported)",
@@ -537,6 +544,11 @@ def validate(cfg: Config) -> Config:
     build_options(options_type, cfg.method.options, "method.options", f"method {cfg.method.name!r}")
     if cfg.data.source == "tfds" and not cfg.data.tfds_data_dir:
         raise ConfigError("data.tfds_data_dir is required when data.source='tfds'")
+    if cfg.data.validation_per_class and cfg.data.source == "synthetic":
+        raise ConfigError(
+            "data.validation_per_class applies to benchmark files (data.source=json|tfds); "
+            "the synthetic tasks draw a fresh sample with another data.seed"
+        )
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
     return cfg

@@ -95,6 +95,7 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
             test_per_class=data.test_per_class or None,
             seed=data.seed,
             holdout_fraction=data.holdout_fraction or None,
+            validation_per_class=data.validation_per_class or None,
             invalid_labels=data.invalid_labels,
             empty_sentences=data.empty_sentences,
         )

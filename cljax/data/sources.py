@@ -73,6 +73,9 @@ class SourceConfig:
       holdout_fraction: only for a dataset with exactly one of train/test missing: carve the
         missing split from the other, stratified by label, this fraction going to test
         (None: a missing split is an error).
+      validation_per_class: carve this many training examples per gold label (seeded, before
+        per-class subsampling) into a validation split that replaces the test split, which
+        is then not read at all: settings are chosen on it, never on test (None: off).
       invalid_labels: an item whose label is not an option (MNLI's test file has 131 "-"):
         ``"exclude"`` it from the split (counted, warned once, reported), ``"error"``, or
         ``"keep"`` it (it then scores as wrong, as in the reference evaluation).
@@ -88,6 +91,7 @@ class SourceConfig:
     test_per_class: int | None = None
     seed: int = 42
     holdout_fraction: float | None = None
+    validation_per_class: int | None = None
     invalid_labels: Literal["exclude", "error", "keep"] = "exclude"
     empty_sentences: Literal["error", "exclude"] = "error"
 
@@ -96,7 +100,7 @@ class SourceConfig:
         _check_choice("test_split", self.test_split, ("test", "dev"))
         _check_choice("invalid_labels", self.invalid_labels, ("exclude", "error", "keep"))
         _check_choice("empty_sentences", self.empty_sentences, ("error", "exclude"))
-        for name in ("train_per_class", "test_per_class"):
+        for name in ("train_per_class", "test_per_class", "validation_per_class"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"SourceConfig.{name} must be a positive int or None, got {value}")
@@ -286,6 +290,22 @@ def _per_task_rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
+def _indices_by_label(examples: Sequence[Example]) -> dict[str, list[int]]:
+    """{gold label: indices of its examples, in file order}."""
+    by_label: dict[str, list[int]] = {}
+    for i, ex in enumerate(examples):
+        by_label.setdefault(ex.label, []).append(i)
+    return by_label
+
+
+def _split_off(
+    examples: Sequence[Example], held: set[int]
+) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """(examples not in ``held``, examples in ``held``), both in file order."""
+    rest = tuple(ex for i, ex in enumerate(examples) if i not in held)
+    return rest, tuple(ex for i, ex in enumerate(examples) if i in held)
+
+
 def subsample_per_class(
     examples: Sequence[Example], n: int, seed: int, *keys: str
 ) -> tuple[tuple[Example, ...], dict[str, Any]]:
@@ -293,9 +313,7 @@ def subsample_per_class(
     ``(seed, *keys)``; the kept ones stay in file order. Returns them and a report with the
     per-class counts before and after (classes with fewer than ``n`` keep all of theirs)."""
     rng = _per_task_rng(seed, "subsample", *keys)
-    by_label: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
+    by_label = _indices_by_label(examples)
     chosen: list[int] = []
     for label in sorted(by_label):
         indices = by_label[label]
@@ -319,25 +337,33 @@ def stratified_split(
     (at least one when the class has two or more) chosen with a generator seeded by
     ``(seed, *keys)`` go to held_out. Both parts keep file order."""
     rng = _per_task_rng(seed, "holdout", *keys)
-    by_label: dict[str, list[int]] = {}
-    for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
     held: set[int] = set()
-    for label in sorted(by_label):
-        indices = by_label[label]
+    for _, indices in sorted(_indices_by_label(examples).items()):
         k = int(round(fraction * len(indices)))
         if len(indices) >= 2:
             k = min(max(k, 1), len(indices) - 1)
         held.update(rng.choice(indices, size=k, replace=False).tolist())
-    rest = tuple(ex for i, ex in enumerate(examples) if i not in held)
-    held_out = tuple(ex for i, ex in enumerate(examples) if i in held)
-    return rest, held_out
+    return _split_off(examples, held)
+
+
+def carve_validation(
+    examples: Sequence[Example], n: int, seed: int, *keys: str
+) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
+    """Split training examples into (rest, validation): ``n`` per gold label, chosen with a
+    generator seeded by ``(seed, *keys)``, go to validation, but every class keeps at least
+    one training example. Both parts keep file order and share no item."""
+    rng = _per_task_rng(seed, "validation", *keys)
+    held: set[int] = set()
+    for _, indices in sorted(_indices_by_label(examples).items()):
+        k = max(min(n, len(indices) - 1), 0)
+        held.update(rng.choice(indices, size=k, replace=False).tolist())
+    return _split_off(examples, held)
 
 
 # --------------------------------------------------------------------------- loading tasks
 
 
-def _read_raw_splits(spec: DatasetSpec, config: SourceConfig) -> dict[str, tuple[str, list]]:
+def _read_raw_splits(spec: DatasetSpec, config: SourceConfig) -> dict[str, tuple[str, list | None]]:
     """{split: (origin, raw pairs)} for the splits present, from JSON files or TFDS shards."""
     if config.source == "tfds":
         from cljax.data.tfds_builder import read_tfds_splits  # optional dependency
@@ -351,8 +377,14 @@ def _read_raw_splits(spec: DatasetSpec, config: SourceConfig) -> dict[str, tuple
             f"dataset {spec.name!r}: no split files ({', '.join(f'{s}.json' for s in SPLIT_FILES)})"
             f" in {directory} (data.missing=skip leaves it out of the order)"
         )
+    # A validation run never reads an evaluated split that has its own file (None: unread).
+    unread = {config.test_split} if config.validation_per_class is not None else set()
     return {
-        s: (str(directory / f"{s}.json"), read_split_file(directory / f"{s}.json")) for s in splits
+        s: (
+            str(directory / f"{s}.json"),
+            None if s in unread and "train" in splits else read_split_file(directory / f"{s}.json"),
+        )
+        for s in splits
     }
 
 
@@ -366,6 +398,8 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
     config = config or SourceConfig()
     spec = get_dataset(name)
     raw = _read_raw_splits(spec, config)
+    if config.validation_per_class is not None:
+        return _validation_task(spec, raw, config)
     wanted = {"train": "train", "test": config.test_split}
     screened: dict[str, tuple[Example, ...]] = {}
     reports: dict[str, Any] = {}
@@ -418,6 +452,42 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
     metadata["n_train"] = len(screened["train"])
     metadata["n_test"] = len(screened["test"])
     return TaskData(spec, screened["train"], screened["test"], metadata)
+
+
+def _validation_task(
+    spec: DatasetSpec, raw: dict[str, tuple[str, list | None]], config: SourceConfig
+) -> TaskData:
+    """The task with a validation split carved from its training examples in place of the
+    test split. The test file is never screened or kept; a dataset with no train file
+    takes its training examples from the rest of its only split carved as in
+    ``load_task``, so validation never overlaps the examples a test run evaluates on."""
+    if "train" in raw and config.test_split in raw:
+        origin, pairs = raw["train"]
+        train, report = screen_examples(pairs, spec, origin, config)
+    else:
+        whole = dataclasses.replace(
+            config, validation_per_class=None, train_per_class=None, test_per_class=None
+        )
+        test_run = load_task(spec.name, whole)
+        train, report = test_run.train, test_run.metadata["splits"]["train"]
+    n = config.validation_per_class
+    assert n is not None
+    rest, validation = carve_validation(train, n, config.seed, spec.name)
+    metadata: dict[str, Any] = {
+        "dataset": spec.name,
+        "task_type": spec.task_type,
+        "source": config.source,
+        "splits": {"train": report},
+        "validation": {"per_class": n, "seed": config.seed, "n": len(validation)},
+    }
+    if config.train_per_class is not None:
+        rest, subsampled = subsample_per_class(
+            rest, config.train_per_class, config.seed, spec.name, "train"
+        )
+        metadata["subsampled"] = {"train": subsampled}
+    metadata["n_train"] = len(rest)
+    metadata["n_test"] = len(validation)
+    return TaskData(spec, tuple(rest), validation, metadata)
 
 
 def load_benchmark(

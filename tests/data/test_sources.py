@@ -195,6 +195,29 @@ def test_subsample_per_class(fixture_root):
     assert len(kept) == 10 and rep["after"] == {"Bad": 5, "Good": 5}
 
 
+def test_validation_split_is_carved_from_training_data_and_never_reads_test(fixture_root):
+    config = _config(fixture_root, validation_per_class=2, train_per_class=1, seed=3)
+    (fixture_root / "NLI" / "CB" / "test.json").write_text("not json")  # never read
+    cb = load_task("CB", config)
+    assert Counter(ex.label for ex in cb.test) == {label: 2 for label in CB_OPTIONS}
+    assert Counter(ex.label for ex in cb.train) == {label: 1 for label in CB_OPTIONS}
+    train_ids = {ex.source_index for ex in cb.train}
+    assert train_ids.isdisjoint(ex.source_index for ex in cb.test)
+    assert cb.metadata["validation"] == {"per_class": 2, "seed": 3, "n": 6}
+    assert load_task("CB", config).test == cb.test  # deterministic
+    # SST-2 has no test file: its test split is carved first (as a test run carves it) and
+    # validation comes from the rest, so it never overlaps what a test run evaluates on.
+    held = dict(holdout_fraction=0.25, seed=3)
+    test_ids = {ex.source_index for ex in load_task("SST-2", _config(fixture_root, **held)).test}
+    sst = load_task("SST-2", _config(fixture_root, validation_per_class=3, **held))
+    assert Counter(ex.label for ex in sst.test) == {"Good": 3, "Bad": 3}
+    assert test_ids.isdisjoint(ex.source_index for ex in sst.test + sst.train)
+    assert len(sst.train) == 30 - 6
+    # A class keeps at least one training example.
+    rest, validation = sources.carve_validation(cb.train + cb.test, 5, 0, "x")
+    assert Counter(ex.label for ex in rest) == {label: 1 for label in CB_OPTIONS}
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="SourceConfig.invalid_labels must be one of"):
         SourceConfig(invalid_labels="drop")
