@@ -85,7 +85,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     from cljax.cl import report
 
-    print(report.compare_runs([Path(d) for d in args.run_dirs], args.plot))
+    run_dirs = [Path(d) for d in args.run_dirs]
+    if args.mean:
+        print(report.mean_over_seeds(run_dirs))
+        return 0
+    print(report.compare_runs(run_dirs, args.plot))
     return 0
 
 
@@ -182,6 +186,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="one table (and plot) over several run dirs")
     compare.add_argument("run_dirs", nargs="+")
     compare.add_argument("--plot", type=Path, default=None, help="write a bar plot here")
+    compare.add_argument(
+        "--mean",
+        action="store_true",
+        help="one Markdown row per method: mean +- std over its runs (seeds)",
+    )
     compare.set_defaults(func=cmd_compare)
     export = sub.add_parser(
         "export", help="a run's latest model as a Hugging Face directory (LoRA merged)"

@@ -31,7 +31,7 @@ METHODS = (
 )
 
 
-def _per_method(
+def method_settings(
     full: dict[str, Any], lora: dict[str, Any], osf_schedule_step: float, gorp: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
     """The per-method settings: full fine-tuning methods share ``full``, the LoRA family
@@ -91,7 +91,7 @@ def t5_large(order: int) -> Config:
         "method.options.lora_dropout": 0.1,
     }
     full = {"train.learning_rate": 1e-5, "train.weight_decay": 0.01}
-    cfg.method.per_method = _per_method(
+    cfg.method.per_method = method_settings(
         full,
         lora,
         osf_schedule_step=0.07,
@@ -131,7 +131,7 @@ def llama2_7b(order: int) -> Config:
     }
     full = {"train.learning_rate": 1e-5}
     # The authors' LLaMA 4-task run froze s = 0.25, 0.5, 0.75 of max(m, n).
-    cfg.method.per_method = _per_method(
+    cfg.method.per_method = method_settings(
         full,
         lora,
         osf_schedule_step=0.25,

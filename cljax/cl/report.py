@@ -297,6 +297,38 @@ def compare_runs(run_dirs: Sequence[Path], plot_path: Path | None = None) -> str
     return metrics_table(rows) + "\n\n" + "\n".join(words_for_runs(labels, records))
 
 
+def mean_over_seeds(run_dirs: Sequence[Path]) -> str:
+    """One row per method over several runs (seeds) of the same tasks: ``mean +- std``
+    (population std, n = runs of that method) of each metric and of the final accuracy
+    per task, as a Markdown table. Methods keep the order of their first run."""
+    records = [(Path(d), read_accuracy(Path(d))) for d in run_dirs]
+    tasks, final = final_accuracies(records)
+    unfinished = [str(d) for d, rec in records if completed_rows(rec["accuracy"]) == 0]
+    if unfinished:
+        raise DataError(f"runs without a finished task cannot be averaged: {', '.join(unfinished)}")
+    groups: dict[str, list[int]] = {}
+    for k, (_, rec) in enumerate(records):
+        groups.setdefault(rec["method"], []).append(k)
+
+    def cell(values: Sequence[float | None]) -> str:
+        kept = [v for v in values if v is not None and math.isfinite(v)]
+        if not kept:
+            return "-"
+        if len(kept) == 1:
+            return f"{kept[0]:.1f}"
+        return f"{np.mean(kept):.1f} +- {np.std(kept):.1f}"
+
+    header = ["method", "runs", *(label for label, _ in METRIC_COLUMNS), *tasks]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, members in groups.items():
+        metrics = [records[k][1].get("metrics") or {} for k in members]
+        row = [method, str(len(members))]
+        row += [cell([m.get(key) for m in metrics]) for _, key in METRIC_COLUMNS]
+        row += [cell(list(final[members, i])) for i in range(len(tasks))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def words_for_runs(
     labels: Sequence[str], records: Sequence[tuple[Path, dict[str, Any]]]
 ) -> list[str]:

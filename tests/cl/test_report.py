@@ -125,3 +125,21 @@ def test_runs_are_described_in_words_from_their_numbers(tmp_path):
     )
     table = report.compare_runs([seqft, osf])
     assert "osf (osf): did not learn c" in table and "Against seqft: task 1 at 100%" in table
+
+
+def test_mean_over_seeds_groups_runs_by_method(tmp_path):
+    _write(tmp_path / "s1-seqft", "seqft", [[80, 15, 25], [60, 70, 35], [40, 50, 90]])
+    _write(tmp_path / "s2-seqft", "seqft", [[80, 15, 25], [40, 70, 35], [20, 30, 70]])
+    _write(tmp_path / "s1-osf", "osf", [[80, 15, 25], [78, 70, 35], [75, 68, 88]])
+    table = report.mean_over_seeds(
+        [tmp_path / "s1-seqft", tmp_path / "s1-osf", tmp_path / "s2-seqft"]
+    ).splitlines()
+    assert table[0] == "| method | runs | AA | AA micro | BWT | FWT | Forgetting | a | b | c |"
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    # seqft AA 60 and 40 -> 50 +- 10; BWT -30 and -50 -> -40 +- 10; final a: 40, 20
+    assert cells[:3] == ["seqft", "2", "50.0 +- 10.0"] and cells[4] == "-40.0 +- 10.0"
+    assert cells[7] == "30.0 +- 10.0"
+    assert table[3].startswith("| osf | 1 | 77.0 |")
+    _write(tmp_path / "empty", "seqft", [[NAN] * 3] * 3)
+    with pytest.raises(report.DataError, match="without a finished task.*empty"):
+        report.mean_over_seeds([tmp_path / "s1-seqft", tmp_path / "empty"])
