@@ -35,27 +35,34 @@ Choices, all for a 2-core CPU (about 1.5 minutes per run):
   on test: see the README's "choices" section for the sweep and its commands.
 """
 
+import runpy
 from pathlib import Path
 
 from cljax.config import Config
 from cljax.published import method_settings
 
 ROOT = Path(__file__).resolve().parents[2]
-ORDER = "dbpedia,amazon,yelp,agnews"
+# the orders are defined where the bases' corpora leave them out
+ORDERS = runpy.run_path(str(Path(__file__).with_name("pretrain_small.py")))["ORDERS"]
+# T5 has one base for both orders (see pretrain_small.py)
+BASES = {"llama": "small-llama", "llama-long": "small-llama-long", "t5": "small-t5-long"}
+BASES["t5-long"] = BASES["t5"]
 FULL_LEARNING_RATE = {"llama": 1e-4, "t5": 1e-4}
 LORA_LEARNING_RATE = {"llama": 1e-3, "t5": 1e-3}
 
 
-def get_config(family: str = "llama") -> Config:
-    if family not in FULL_LEARNING_RATE:
-        raise ValueError(f"cpu_pretrained: family {family!r}; valid: llama, t5")
-    base = ROOT / "runs" / "bases" / f"small-{family}" / "model"
+def get_config(name: str = "llama") -> Config:
+    """``llama`` / ``t5``: order 1; ``llama-long`` / ``t5-long``: the 8-task order."""
+    if name not in BASES:
+        raise ValueError(f"cpu_pretrained: {name!r}; valid: {', '.join(BASES)}")
+    family, _, long = name.partition("-")
+    base = ROOT / "runs" / "bases" / BASES[name] / "model"
     cfg = Config()
     cfg.model.family = family
     cfg.model.checkpoint = str(base)
     cfg.data.tokenizer = str(base)
     cfg.data.source = "json"
-    cfg.data.order = ORDER
+    cfg.data.order = ORDERS["long" if long else "order1"]
     cfg.data.holdout_fraction = 0.5
     cfg.data.train_per_class = 32
     cfg.data.test_per_class = 16
@@ -93,7 +100,7 @@ def get_config(family: str = "llama") -> Config:
     )
     per_method["olora"].update({"method.options.lambda1": 0.5, "method.options.lambda2": 0.0})
     cfg.method.per_method = per_method
-    cfg.run.name = f"cpu_pretrained-{family}"
+    cfg.run.name = f"cpu_pretrained-{name}"
     cfg.run.out_dir = "runs"
     cfg.run.checkpoint_every_steps = 0
     return cfg

@@ -10,11 +10,18 @@ from cljax.cl.methods import METHODS, get_method
 from cljax.config import for_method, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py"))
+VARIANTS = {  # configs taking an argument: every variant
+    "cpu_testbed": ("llama", "t5"),
+    "cpu_pretrained": ("llama", "llama-long", "t5", "t5-long"),
+    "pretrain_small": ("llama", "llama-long", "t5-long"),
+}
+CASES = [f"{p}:{v}" for p in CONFIGS for v in VARIANTS.get(p.stem, ())]
+CASES += [str(p) for p in CONFIGS if p.stem not in VARIANTS]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CASES, ids=lambda p: Path(p).name)
 def test_config_resolves_for_every_method(path):
-    base = load_config(f"{path}:t5" if path.stem == "cpu_testbed" else path)
+    base = load_config(path)
     assert set(base.method.per_method) <= set(METHODS)
     for name in METHODS:
         cfg = for_method(base, name)
