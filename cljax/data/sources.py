@@ -463,13 +463,16 @@ def _validation_task(
     ``load_task``, so validation never overlaps the examples a test run evaluates on."""
     if "train" in raw and config.test_split in raw:
         origin, pairs = raw["train"]
-        train, report = screen_examples(pairs, spec, origin, config)
+        train, train_report = screen_examples(pairs, spec, origin, config)
+        splits: dict[str, Any] = {"train": train_report}
+        derived: dict[str, Any] = {}
     else:
         whole = dataclasses.replace(
             config, validation_per_class=None, train_per_class=None, test_per_class=None
         )
         test_run = load_task(spec.name, whole)
-        train, report = test_run.train, test_run.metadata["splits"]["train"]
+        train, splits = test_run.train, test_run.metadata["splits"]
+        derived = {"derived_split": test_run.metadata["derived_split"]}
     n = config.validation_per_class
     assert n is not None
     rest, validation = carve_validation(train, n, config.seed, spec.name)
@@ -477,7 +480,8 @@ def _validation_task(
         "dataset": spec.name,
         "task_type": spec.task_type,
         "source": config.source,
-        "splits": {"train": report},
+        "splits": splits,
+        **derived,
         "validation": {"per_class": n, "seed": config.seed, "n": len(validation)},
     }
     if config.train_per_class is not None:

@@ -213,6 +213,15 @@ def test_validation_split_is_carved_from_training_data_and_never_reads_test(fixt
     assert Counter(ex.label for ex in sst.test) == {"Good": 3, "Bad": 3}
     assert test_ids.isdisjoint(ex.source_index for ex in sst.test + sst.train)
     assert len(sst.train) == 30 - 6
+    assert sst.metadata["derived_split"]["missing"] == "test"
+    # A dataset with a test file only (dbpedia offline): the same, from the test file.
+    rte = fixture_root / "NLI" / "RTE"
+    _write(rte, "labels", ["contradiction", "entailment"])
+    _write(rte, "test", _items(["entailment", "contradiction"] * 10))
+    test_ids = {ex.source_index for ex in load_task("RTE", _config(fixture_root, **held)).test}
+    rte_val = load_task("RTE", _config(fixture_root, validation_per_class=2, **held))
+    assert len(rte_val.test) == 4 and len(rte_val.train) == 20 - len(test_ids) - 4
+    assert test_ids.isdisjoint(ex.source_index for ex in rte_val.test + rte_val.train)
     # A class keeps at least one training example.
     rest, validation = sources.carve_validation(cb.train + cb.test, 5, 0, "x")
     assert Counter(ex.label for ex in rest) == {label: 1 for label in CB_OPTIONS}
