@@ -9,8 +9,10 @@ O-LoRA and MTL:
 (``make demo``). Sizes keep the five runs within about 3.5 minutes on a 2-core CPU; the
 printed comparison ends with a line of plain words per method, derived from its
 accuracy matrix. The LoRA-based methods adapt every projection (rank 16): at this model
-size, q and v alone learn the tasks too slowly for a demo. Settings were chosen on runs
-with ``data.seed=7 train.seed=7`` (other synthetic samples), not on the demo's own.
+size, q and v alone learn the tasks too slowly for a demo; O-LoRA learns at 3e-3 (task 1
+at 99% and 94% of SeqFT's with seeds 7 and 11; 2e-3 gave 95% and 88%, 5e-3 82% and
+54%). Settings were chosen on runs with ``data.seed=7 train.seed=7`` and
+``data.seed=11 train.seed=11`` (other synthetic samples), not on the demo's own.
 """
 
 from pathlib import Path
@@ -41,7 +43,7 @@ def get_config() -> Config:
         "method.options.lora_dropout": 0.0,
     }
     cfg.method.per_method = {
-        "olora": lora,
+        "olora": {**lora, "train.learning_rate": 3e-3},
         "gorp": {**lora, "method.options.full_learning_rate": 1e-3},
     }
     cfg.eval.mode = "rank"
