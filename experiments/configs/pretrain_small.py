@@ -33,6 +33,7 @@ SHAPES = {
         "num_hidden_layers": 4,
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
+        "head_dim": 16,  # the tiny preset's: attention is 128 wide, 4.85 M parameters
         "max_position_embeddings": 512,
     },
     "t5": {
