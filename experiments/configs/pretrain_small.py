@@ -1,21 +1,16 @@
 """The small pretrained bases of the CPU experiment (a few million parameters each):
 
     cljax pretrain experiments/configs/pretrain_small.py:llama
-    cljax pretrain experiments/configs/pretrain_small.py:llama-long
-    cljax pretrain experiments/configs/pretrain_small.py:t5-long
+    cljax pretrain experiments/configs/pretrain_small.py:t5
 
-Each corpus leaves out every task of the continual orders its base is evaluated on
-(``ORDERS``; yahoo has no files):
-- ``llama`` (runs/bases/small-llama), for order 1 (dbpedia, amazon, yelp, agnews): the
-  text of IMDB, SST-2, MNLI, CB, RTE, QQP, BoolQA, MultiRC, WiC and COPA (2.5 M tokens
-  with the 4096-token BPE);
-- ``<family>-long`` (runs/bases/small-<family>-long), for the 8-task order and order 1
-  alike: IMDB, SST-2, CB, MultiRC, WiC and COPA. T5 has this base only, which saves a
-  45-minute pretraining; LLaMA's order-1 base was built first.
-Then an instruction stage on the same tasks. Steps are sized for about 45 minutes per
-base on a 2-core CPU, from a probe of 30 steps: 1.04 s per 32 x 128-token step for
-LLaMA, 1.50 s for T5 (the instruction stage's longer prompts: about 2.4 s per step). The
-order-1 LLaMA base was built with 400 instruction steps (51 minutes in all).
+One base per family serves both continual orders of ``cpu_pretrained.py`` (``ORDERS``):
+its corpus leaves out every task of either order (and yahoo, which has no files), so it
+is the text of IMDB, SST-2, CB, MultiRC, WiC and COPA (1.65 M tokens with the 4096-token
+BPE, whose training also counts every benchmark task's prompt template and option
+names), followed by an instruction stage on those six tasks. Steps are sized for about
+45 minutes per base on a 2-core CPU, from a probe of 30 steps: 1.04 s per 32 x
+128-token step for LLaMA, 1.50 s for T5, and about 2.4 s for the instruction stage's
+longer prompts.
 """
 
 from cljax.config import Config
@@ -33,7 +28,7 @@ SHAPES = {
         "num_hidden_layers": 4,
         "num_attention_heads": 8,
         "num_key_value_heads": 4,
-        "head_dim": 16,  # the tiny preset's: attention is 128 wide, 4.85 M parameters
+        "head_dim": 16,  # attention 128 wide: 4.85 M parameters
         "max_position_embeddings": 512,
     },
     "t5": {
@@ -47,10 +42,9 @@ SHAPES = {
 }
 
 
-def get_config(name: str = "llama") -> Config:
-    family, _, corpus = name.partition("-")
-    if family not in SHAPES or corpus not in ("", "long"):
-        raise ValueError(f"pretrain_small: {name!r}; valid: llama, llama-long, t5-long")
+def get_config(family: str = "llama") -> Config:
+    if family not in SHAPES:
+        raise ValueError(f"pretrain_small: family {family!r}; valid: llama, t5")
     cfg = Config()
     cfg.model.family = family
     cfg.model.preset = "tiny"
@@ -58,7 +52,9 @@ def get_config(name: str = "llama") -> Config:
     cfg.data.tokenizer = "bpe"
     cfg.data.max_source_length = 256
     cfg.data.length_buckets = [128, 256, 320]
-    cfg.pretrain.evaluated_order = ORDERS["long" if corpus else "order1"] + ",yahoo"
+    cfg.pretrain.evaluated_order = ",".join(
+        sorted({*ORDERS["order1"].split(","), *ORDERS["long"].split(","), "yahoo"})
+    )
     cfg.pretrain.tokenizer_vocab_size = 4096
     cfg.pretrain.sequence_length = 128
     cfg.pretrain.steps = {"llama": 2000, "t5": 1300}[family]
@@ -73,6 +69,6 @@ def get_config(name: str = "llama") -> Config:
     cfg.eval.mode = "rank"
     cfg.eval.batch_size = 64
     cfg.run.out_dir = "runs/bases"
-    cfg.run.name = f"small-{name}"
+    cfg.run.name = f"small-{family}"
     cfg.run.checkpoint_every_steps = 250
     return cfg

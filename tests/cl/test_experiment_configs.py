@@ -13,7 +13,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs
 VARIANTS = {  # configs taking an argument: every variant
     "cpu_testbed": ("llama", "t5"),
     "cpu_pretrained": ("llama", "llama-long", "t5", "t5-long"),
-    "pretrain_small": ("llama", "llama-long", "t5-long"),
+    "pretrain_small": ("llama", "t5"),
 }
 CASES = [f"{p}:{v}" for p in CONFIGS for v in VARIANTS.get(p.stem, ())]
 CASES += [str(p) for p in CONFIGS if p.stem not in VARIANTS]
