@@ -412,7 +412,11 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
 def for_method(cfg: Config, name: str | None = None) -> Config:
     """The config of one method's run: ``method.name`` set (if ``name`` is given) and
     that method's ``method.per_method`` entries applied on top (dotted keys, e.g.
-    ``{"osf": {"train.learning_rate": 1e-5, "method.options.rank_fraction": 0.5}}``)."""
+    ``{"osf": {"train.learning_rate": 1e-5, "method.options.rank_fraction": 0.5}}``).
+
+    The applied entry is removed from the returned ``method.per_method``, so that
+    resolving the result again (``ContinualRun`` does) cannot overwrite a value set on
+    it after this call."""
     cfg = copy.deepcopy(cfg)
     if name is not None:
         cfg.method.name = name
@@ -420,6 +424,7 @@ def for_method(cfg: Config, name: str | None = None) -> Config:
         if key.split(".")[0] == "method" and key.split(".")[1:2] == ["per_method"]:
             raise UnknownNameError(f"method.per_method[{cfg.method.name!r}] cannot set {key!r}")
         set_value(cfg, key, value)
+    cfg.method.per_method = {k: v for k, v in cfg.method.per_method.items() if k != cfg.method.name}
     return cfg
 
 
@@ -598,12 +603,16 @@ def resume_diff(saved: dict[str, Any], current: Config) -> list[str]:
     """``key: saved -> current`` for every key that differs between a run's saved
     config (``config.json``) and ``current``, except ``RESUME_EXEMPT`` ones."""
 
+    # method.per_method is not compared: the run's own entry is already applied to the
+    # keys it sets (compared one by one), and the other methods' entries are not its.
+    ignored = (*RESUME_EXEMPT, "method.per_method")
+
     def comparable(data: dict[str, Any]) -> dict[str, Any]:
         flat = flat_items(json.loads(json.dumps(data, sort_keys=True)))
         return {
             k: v
             for k, v in flat.items()
-            if not any(k == e or k.startswith(e + ".") for e in RESUME_EXEMPT)
+            if not any(k == e or k.startswith(e + ".") for e in ignored)
         }
 
     try:  # a key newer than the saved config counts as its default there

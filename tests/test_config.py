@@ -75,6 +75,22 @@ def test_per_method_settings_apply_to_that_method_only():
         cfgmod.for_method(cfg, "osf")
 
 
+def test_a_value_set_after_for_method_survives_resolving_again():
+    # A notebook's pattern: a method's config, one value changed, then a run (which
+    # resolves its config again). per_method must not silently win over the edit.
+    cfg = cfgmod.Config()
+    cfg.method.per_method = {"osf": {"train.learning_rate": 1e-5}, "gorp": {"train.epochs": 2}}
+    osf = cfgmod.for_method(cfg, "osf")
+    assert set(osf.method.per_method) == {"gorp"}  # applied, so not applied again
+    osf.train.learning_rate = 3e-4
+    assert cfgmod.resolve(osf).train.learning_rate == 3e-4
+    # ... and a saved config that still lists the entry resumes: the values are compared
+    saved = cfgmod.resolve(cfg, method="osf").to_dict()
+    saved["method"]["per_method"] = cfg.method.per_method
+    assert cfgmod.resume_diff(saved, cfgmod.resolve(cfg, method="osf")) == []
+    assert cfgmod.resume_diff(saved, osf) == ["train.learning_rate: 1e-05 -> 0.0003"]
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
