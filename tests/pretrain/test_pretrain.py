@@ -176,3 +176,19 @@ def test_a_corpus_file_holding_test_sentences_of_the_evaluated_order_is_refused(
     )
     with pytest.raises(DataError, match=rf"CB: 4 of {len(test)}"):
         run_pretrain(cfg, log=_quiet)
+
+
+def test_the_tokenizer_learns_every_benchmark_template(tmp_path, benchmark_dir, monkeypatch):
+    # agnews is evaluated, so none of its text is in the corpus; its prompt template and
+    # option names are, weighted as in many examples, so a fine-tuning prompt stays short.
+    from cljax.data.tasks import build_prompt, get_dataset
+    from cljax.pretrain import run as pretrain_run
+
+    cfg = tiny_pretrain(tmp_path, benchmark_dir, "llama", "pretrain.tokenizer_vocab_size=2048")
+    head = build_prompt(get_dataset("agnews"), "")
+    lengths = {}
+    for weight in (0, pretrain_run.TEMPLATE_WEIGHT):
+        monkeypatch.setattr(pretrain_run, "TEMPLATE_WEIGHT", weight)
+        tokenizer = pretrain_run.plan(cfg, log=_quiet).tokenizer
+        lengths[weight] = len(tokenizer.encode([head])[0])
+    assert lengths[pretrain_run.TEMPLATE_WEIGHT] < 0.6 * lengths[0], lengths  # 39 vs 75
