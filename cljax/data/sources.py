@@ -393,18 +393,18 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
 
     A missing train or test split is an error naming the files found, unless
     ``config.holdout_fraction`` is set: then the missing split is carved (stratified, seeded)
-    from the present one and the metadata says so. Per-class subsampling comes after.
+    from the present one and the metadata says so. ``config.validation_per_class`` then
+    carves a validation split from the training examples that replaces the test split
+    (whose own file is not read). Per-class subsampling comes after.
     """
     config = config or SourceConfig()
     spec = get_dataset(name)
     raw = _read_raw_splits(spec, config)
-    if config.validation_per_class is not None:
-        return _validation_task(spec, raw, config)
     wanted = {"train": "train", "test": config.test_split}
     screened: dict[str, tuple[Example, ...]] = {}
     reports: dict[str, Any] = {}
     for role, split in wanted.items():
-        if split in raw:
+        if split in raw and raw[split][1] is not None:  # None: a validation run's unread test
             origin, pairs = raw[split]
             examples, reports[role] = screen_examples(pairs, spec, origin, config)
             screened[role] = tuple(examples)
@@ -414,7 +414,7 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
         "source": config.source,
         "splits": reports,
     }
-    missing = [role for role in wanted if role not in screened]
+    missing = [role for role in wanted if wanted[role] not in raw]
     if len(missing) == 2:
         raise FileNotFoundError(
             f"dataset {spec.name!r}: neither {wanted['train']!r} nor {wanted['test']!r} split "
@@ -443,8 +443,21 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
             "n_train": len(rest),
             "n_test": len(held),
         }
+    validation = config.validation_per_class
+    if validation is not None:
+        # after the held-out carving, so validation never overlaps what a test run scores
+        screened["train"], screened["test"] = carve_validation(
+            screened["train"], validation, config.seed, spec.name
+        )
+        metadata["validation"] = {
+            "per_class": validation,
+            "seed": config.seed,
+            "n": len(screened["test"]),
+        }
     for role in ("train", "test"):
         n = config.train_per_class if role == "train" else config.test_per_class
+        if role == "test" and validation is not None:
+            n = None  # the validation split is used whole
         if n is not None:
             screened[role], metadata.setdefault("subsampled", {})[role] = subsample_per_class(
                 screened[role], n, config.seed, spec.name, role
@@ -452,46 +465,6 @@ def load_task(name: str, config: SourceConfig | None = None) -> TaskData:
     metadata["n_train"] = len(screened["train"])
     metadata["n_test"] = len(screened["test"])
     return TaskData(spec, screened["train"], screened["test"], metadata)
-
-
-def _validation_task(
-    spec: DatasetSpec, raw: dict[str, tuple[str, list | None]], config: SourceConfig
-) -> TaskData:
-    """The task with a validation split carved from its training examples in place of the
-    test split. The test file is never screened or kept; a dataset with no train file
-    takes its training examples from the rest of its only split carved as in
-    ``load_task``, so validation never overlaps the examples a test run evaluates on."""
-    if "train" in raw and config.test_split in raw:
-        origin, pairs = raw["train"]
-        train, train_report = screen_examples(pairs, spec, origin, config)
-        splits: dict[str, Any] = {"train": train_report}
-        derived: dict[str, Any] = {}
-    else:
-        whole = dataclasses.replace(
-            config, validation_per_class=None, train_per_class=None, test_per_class=None
-        )
-        test_run = load_task(spec.name, whole)
-        train, splits = test_run.train, test_run.metadata["splits"]
-        derived = {"derived_split": test_run.metadata["derived_split"]}
-    n = config.validation_per_class
-    assert n is not None
-    rest, validation = carve_validation(train, n, config.seed, spec.name)
-    metadata: dict[str, Any] = {
-        "dataset": spec.name,
-        "task_type": spec.task_type,
-        "source": config.source,
-        "splits": splits,
-        **derived,
-        "validation": {"per_class": n, "seed": config.seed, "n": len(validation)},
-    }
-    if config.train_per_class is not None:
-        rest, subsampled = subsample_per_class(
-            rest, config.train_per_class, config.seed, spec.name, "train"
-        )
-        metadata["subsampled"] = {"train": subsampled}
-    metadata["n_train"] = len(rest)
-    metadata["n_test"] = len(validation)
-    return TaskData(spec, tuple(rest), validation, metadata)
 
 
 def load_benchmark(

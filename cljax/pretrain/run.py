@@ -139,7 +139,7 @@ def plan(cfg: Config, log: Callable[[str], None] = print) -> Plan:
         # Every benchmark task's prompt template and option names (its label words: no
         # sentence of it), weighted as if in TEMPLATE_WEIGHT examples: a fine-tuning
         # prompt repeats them, and a template seen once would get no merges (dbpedia's
-        # 14 options took 120 tokens of a 128-token prompt with the corpus-only BPE).
+        # prompt head took 113 tokens of a 128-token prompt with the corpus-only BPE).
         specs = list(DATASETS.values())
         templates = [build_prompt(s, "") for s in specs] + [o for s in specs for o in s.options]
         texts = [*corpus.documents, *(templates * TEMPLATE_WEIGHT)]

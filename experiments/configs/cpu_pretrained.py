@@ -13,8 +13,8 @@ then, from the repository root, for each seed s in 1, 2, 3:
 
 and once (seed 1) for the rest of the registry:
 ``--methods seqlora,inclora,ewc,l2,replay,pertaskft``. ``:llama-long`` / ``:t5-long``
-run the 8-task order. ``experiments/results/cpu_pretrained/README.md`` gives the exact
-commands and the results.
+run the 8-task order. The validation probes made so far, with their commands, are in
+``experiments/results/bases/README.md``.
 
 Choices, all for a 2-core CPU:
 - Tasks: order 1 is dbpedia, amazon, yahoo, agnews; yahoo has no public files, so yelp
