@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The CPU experiment of experiments/configs/cpu_pretrained.py, one variant at a time:
+#
+#     bash experiments/run_cpu_pretrained.sh llama        # or llama-long, t5, t5-long
+#
+# Seed 1 runs every method of the registry; seeds 2 and 3 run SeqFT, OSF, GORP,
+# O-LoRA and MTL. The runs land in runs/cpu_pretrained/<variant>-s<seed>-<method>
+# (rerunning the script resumes an interrupted run and skips finished ones); their
+# accuracy files, seed 1's plots, the comparison tables and each run's wall time are
+# copied to experiments/results/cpu_pretrained/<variant>/.
+# Extra key=value arguments after the variant apply to every run (e.g. the base's path).
+set -euo pipefail
+
+variant=${1:?usage: run_cpu_pretrained.sh VARIANT [key=value ...]}
+shift
+config="experiments/configs/cpu_pretrained.py:${variant}"
+runs="runs/cpu_pretrained"
+results="experiments/results/cpu_pretrained/${variant}"
+cljax="${CLJAX:-.venv/bin/cljax}"
+# full fine-tuning first, the LoRA family last
+all="seqft,osf,mtl,ewc,l2,replay,pertaskft,gorp,olora,seqlora,inclora"
+seeded="seqft,osf,mtl,gorp,olora"
+# the tables list the methods in the published T5-large ordering, then L2 and PerTaskFT
+table="seqft,seqlora,ewc,replay,inclora,olora,osf,gorp,mtl,l2,pertaskft"
+
+mkdir -p "$results"
+times="$results/wall_times.tsv"
+[[ -f "$times" ]] || printf 'run\tseconds\n' >"$times"
+
+one() {  # one() SEED METHOD: a run, timed, unless its directory says it finished
+    local seed=$1 method=$2 name="${variant}-s$1-$2"
+    shift 2
+    if [[ -f "$runs/$name/accuracy_matrix.png" ]]; then
+        return
+    fi
+    local start=$SECONDS
+    "$cljax" run "$config" "data.seed=$seed" "train.seed=$seed" "method.name=$method" \
+        "run.name=$name" "run.out_dir=$runs" run.progress=False "$@"
+    printf '%s\t%d\n' "$name" $((SECONDS - start)) >>"$times"
+}
+
+for method in ${all//,/ }; do
+    one 1 "$method" "$@"
+done
+for seed in 2 3; do
+    for method in ${seeded//,/ }; do
+        one "$seed" "$method" "$@"
+    done
+done
+
+for dir in "$runs/${variant}"-s*; do
+    name=$(basename "$dir")
+    mkdir -p "$results/$name"
+    cp "$dir"/accuracy.json "$dir"/accuracy.csv "$results/$name/"
+    if [[ $name == *-s1-* ]]; then
+        cp "$dir"/accuracy_matrix.png "$results/$name/"
+    fi
+done
+seed1=()
+for method in ${table//,/ }; do
+    seed1+=("$runs/${variant}-s1-$method")
+done
+"$cljax" compare --plot "$results/compare.png" "${seed1[@]}" >"$results/seed1.md"
+seeds=()
+for method in ${table//,/ }; do
+    seeds+=("$runs/${variant}"-s[123]-"$method")
+done
+"$cljax" compare --mean "${seeds[@]}" >"$results/mean.md"
+cat "$results/seed1.md" "$results/mean.md"
