@@ -1,9 +1,16 @@
-"""Command line: ``cljax run CONFIG [key=value ...]``, ``cljax compare RUN_DIR ...``,
-``cljax config [CONFIG]``, ``cljax export RUN_DIR OUT_DIR`` and
-``cljax evaluate MODEL CONFIG``.
+"""cljax: continual fine-tuning of language models (OSF, GORP and their baselines).
 
-``run --methods a,b,c`` runs the same config once per method (run directories
-``<run.name>-<method>``) and prints the comparison table, as the demo does.
+  cljax run CONFIG [key=value ...]       run (or resume) a continual experiment
+  cljax run CONFIG --methods a,b,c       one run per method, then the comparison table
+  cljax pretrain CONFIG [key=value ...]  pretrain a small base as a Hugging Face directory
+  cljax compare RUN_DIR ... [--mean]     one table (and plot) over runs; --mean over seeds
+  cljax export RUN_DIR OUT_DIR           a run's model as a Hugging Face directory
+  cljax evaluate MODEL CONFIG            accuracy of a model on a config's tasks
+  cljax config [CONFIG] [--method M]     every config field, documented, or a resolved config
+  cljax methods                          the continual methods, one line each, with the paper
+
+A CONFIG is a Python file whose get_config() returns a cljax.config.Config
+(``file.py:arg`` passes an argument); ``cljax <command> --help`` shows a command's options.
 """
 
 from __future__ import annotations
@@ -132,23 +139,41 @@ def cmd_config(args: argparse.Namespace) -> int:
         print(cfg.to_json())
         return 0
     print("\n".join(config_lib.describe(cfg)))
-    print(f"options of method {cfg.method.name!r} (method.options.NAME=VALUE):")
-    print("\n".join(_method_options(cfg)))
+    from cljax.cl.methods import METHODS
+
+    # Bare `cljax config` documents every method; with a config or --method, the one it runs.
+    names = [cfg.method.name] if args.config or args.method else sorted(METHODS)
+    for name in names:
+        options = cfg.method.options if name == cfg.method.name else {}
+        print(f"options of method {name!r} (method.options.NAME=VALUE):")
+        print("\n".join(_method_options(name, options)))
     return 0
 
 
-def _method_options(cfg: config_lib.Config) -> list[str]:
-    """One line per option of the config's method (value, doc, default, accepted values);
+def _method_options(name: str, options: dict) -> list[str]:
+    """One line per option of method ``name`` (value, doc, default, accepted values);
     docs/methods.md explains them."""
     from cljax.cl.methods import get_method_class
 
-    cls = get_method_class(cfg.method.name)
-    lines = config_lib.describe_options(cls.Options, cfg.method.options, "  method.options.")
+    cls = get_method_class(name)
+    lines = config_lib.describe_options(cls.Options, options, "  method.options.")
     return lines or ["  (none)"]
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    from cljax.cl.methods import METHODS
+
+    width = max(map(len, METHODS))
+    for name, cls in sorted(METHODS.items()):
+        print(f"{name:<{width}}  {cls.paper}")
+    print("options: cljax config --method NAME; the math: docs/methods.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cljax", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="cljax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--debug", action="store_true", help="show the traceback of every error")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run (or resume) a continual experiment")
@@ -221,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--method", help="resolve for this method (its per_method settings)")
     show.add_argument("--json", action="store_true", help="the resolved config as JSON")
     show.set_defaults(func=cmd_config)
+    methods = sub.add_parser("methods", help="the continual methods, one line each, with the paper")
+    methods.set_defaults(func=cmd_methods)
     return parser
 
 

@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from cljax import cli
 from cljax.cl import report
+from cljax.cl.methods import METHODS
 
 
 def test_config_lists_every_field_with_its_documentation(capsys):
@@ -13,6 +15,27 @@ def test_config_lists_every_field_with_its_documentation(capsys):
     out = capsys.readouterr().out
     assert "train.learning_rate = 0.001  # peak learning rate (default 0.001; > 0)" in out
     assert "method.per_method = {}" in out
+    # and every method's options (a config or --method narrows it to one method)
+    for name in METHODS:
+        assert f"options of method {name!r} (method.options.NAME=VALUE):" in out
+    assert "method.options.lambda1 = 0.5  # weight of the orthogonality term" in out
+
+
+def test_methods_prints_one_line_per_method_with_its_paper(capsys):
+    assert cli.main(["methods"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == sorted(METHODS)
+    assert all(cls.paper for cls in METHODS.values())
+    assert "Nayak et al., arXiv 2504.07097" in lines[sorted(METHODS).index("osf")]
+
+
+def test_help_lists_every_command_in_full(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("run", "pretrain", "compare", "export", "evaluate", "config", "methods"):
+        assert f"  cljax {command} " in out or f"  cljax {command}\n" in out
+    assert "shows a command's options." in out  # the description is not cut off
 
 
 def test_config_lists_the_method_options_with_docs_defaults_and_limits(capsys):

@@ -110,6 +110,8 @@ class Method:
     """Base class: full fine-tuning with AdamW, no hooks (this is SeqFT)."""
 
     name: ClassVar[str] = ""
+    #: what the method is and where it comes from (printed by ``cljax methods``)
+    paper: ClassVar[str] = ""
     #: the frozen dataclass of the method's options: each field has a type, a default,
     #: its accepted values and a one-line doc (``config.field``); set by the user through
     #: ``method.options.NAME=VALUE``, listed by ``cljax config``.
@@ -213,6 +215,7 @@ class SeqFT(Method):
     """Plain full fine-tuning through the sequence."""
 
     name = "seqft"
+    paper = "sequential full fine-tuning, the lower bound: a baseline of every paper"
 
 
 @register
@@ -220,6 +223,7 @@ class PerTaskFT(Method):
     """A fresh copy of the base model per task: the no-forgetting reference."""
 
     name = "pertaskft"
+    paper = "one fine-tuned model per task, the no-forgetting reference"
     keeps_task_models = True
 
     def setup(self, model: nnx.Module, rngs: nnx.Rngs) -> None:
@@ -235,6 +239,7 @@ class MTL(Method):
     """All tasks trained jointly in one phase: the upper bound."""
 
     name = "mtl"
+    paper = "all tasks at once, the upper bound: Wang et al., EMNLP Findings 2023"
     joint = True
 
     def train_split(self, t: int, splits: Sequence[EncodedSplit]) -> EncodedSplit:
@@ -283,6 +288,7 @@ class OSF(Method):
     every targeted matrix are frozen (project -> AdamW -> project)."""
 
     name = "osf"
+    paper = "OSF, top singular directions frozen: Nayak et al., arXiv 2504.07097"
     Options = OSFOptions
 
     def __init__(self, options, family, *, weight_decay, seed):
@@ -409,6 +415,7 @@ class L2(_Anchored):
     """``strength * sum (theta - theta_{t-1})^2`` from task 2 on."""
 
     name = "l2"
+    paper = "L2 pull to the previous task's weights: Wang et al., EMNLP Findings 2023"
 
     def penalty(self, model, arrays):
         active = jnp.asarray(arrays["active"], jnp.float32)
@@ -429,6 +436,7 @@ class EWC(_Anchored):
     diagonal Fisher summed over earlier tasks (squared per-batch gradients at task end)."""
 
     name = "ewc"
+    paper = "elastic weight consolidation: Kirkpatrick et al., PNAS 2017"
     Options = EWCOptions
 
     def setup(self, model, rngs):
@@ -531,6 +539,7 @@ class SeqLoRA(_LoRAMethod):
     """One LoRA pair trained through all tasks."""
 
     name = "seqlora"
+    paper = "one LoRA pair through the sequence: Hu et al., ICLR 2022"
     new_pair_per_task = False
 
 
@@ -539,6 +548,7 @@ class IncLoRA(_LoRAMethod):
     """A fresh LoRA pair per task; earlier pairs frozen, all summed in the forward."""
 
     name = "inclora"
+    paper = "a new LoRA pair per task: Wang et al., EMNLP Findings 2023"
 
 
 @register
@@ -546,6 +556,7 @@ class OLoRA(_LoRAMethod):
     """IncLoRA + ``lambda1 * sum_i |A_i A_t^T|`` (+ ``lambda2 * (|A_t| + |B_t|)``)."""
 
     name = "olora"
+    paper = "O-LoRA, orthogonal LoRA pairs: Wang et al., EMNLP Findings 2023"
     Options = OLoRAOptions
 
     def penalty(self, model, arrays):
@@ -564,6 +575,7 @@ class GORP(_LoRAMethod):
     orthogonal to a shared space of earlier tasks' gradient directions."""
 
     name = "gorp"
+    paper = "GORP, gradient low-rank projection: ACL 2025, arXiv 2507.02503"
     carries_optimizer_state = True
     Options = GORPOptions
 
@@ -627,6 +639,7 @@ class Replay(Method):
     examples plus ``mix_ratio * len(task t)`` examples drawn from the buffer."""
 
     name = "replay"
+    paper = "replay of a per-task sample buffer: de Masson d'Autume et al., NeurIPS 2019"
     Options = ReplayOptions
 
     def train_split(self, t, splits):
