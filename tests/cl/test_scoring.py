@@ -1,6 +1,11 @@
+"""Scoring of answers: the protocol's exact match, and the free-text metrics against
+reference values (a reference implementation's worked example, hand computations)."""
+
 import pytest
 
+from cljax.cl import scoring
 from cljax.cl.scoring import exact_match, extract_answer, normalize_answer
+from cljax.errors import UnknownNameError
 
 
 def test_normalize_answer_matches_the_protocol():
@@ -22,3 +27,55 @@ def test_exact_match():
     assert got == [True, True, False]
     with pytest.raises(ValueError, match="2 predictions for 1 labels"):
         exact_match(["a", "b"], ["a"])
+
+
+# ------------------------------------------------------------------- free-text metrics
+
+
+def test_sari_matches_the_reference_implementations_worked_example():
+    # The example documented with the `evaluate` library's SARI (three references).
+    score = scoring.sari(
+        ["About 95 you now get in."],
+        [
+            [
+                "About 95 species are currently known.",
+                "About 95 species are now accepted.",
+                "95 species are now accepted.",
+            ]
+        ],
+        ["About 95 species are currently accepted."],
+    )
+    assert score == pytest.approx(26.953601953601954, abs=1e-9)
+
+
+def test_sari_by_hand():
+    # Output = reference: keep, delete and add are all perfect at every n-gram order.
+    assert scoring.sari(["a c"], ["a c"], ["a b"]) == pytest.approx(100.0)
+    # Output = source "a b", reference "a c". Unigrams: keep precision 1/2 ("b" kept
+    # wrongly), recall 1 -> F1 2/3; nothing deleted -> 1; "c" not added -> 0. Bigrams:
+    # keep F1 0 ("a b" kept, not in the reference), delete 1, add 0. Orders 3 and 4 are
+    # empty: 1 each.
+    keep, delete, add = (2 / 3 + 0 + 1 + 1) / 4, 1.0, (0 + 0 + 1 + 1) / 4
+    assert scoring.sari(["a b"], ["a c"], ["a b"]) == pytest.approx(100 * (keep + delete + add) / 3)
+    with pytest.raises(ValueError, match="sari needs the sources"):
+        scoring.sari(["a"], ["a"], [])
+
+
+def test_rouge_l_edit_similarity_bleu_and_accuracy_by_hand():
+    # LCS "the cat sat" = 3 tokens: precision 3/3, recall 3/4, F1 6/7.
+    assert scoring.rouge_l(["the cat sat"], ["the cat was sat"]) == pytest.approx(600 / 7)
+    # kitten / sitting: LCS "ittn" (4), Indel distance 6 + 7 - 8 = 5 of 13 characters.
+    assert scoring.edit_similarity(["kitten"], ["sitting"]) == pytest.approx(100 * 8 / 13)
+    assert scoring.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(
+        100.0
+    )
+    assert scoring.bleu(["a b c d"], ["w x y z"]) == 0.0
+    assert scoring.accuracy(["Yes.", "no"], ["yes", "yes"]) == 50.0
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        scoring.rouge_l(["a", "b"], ["a"])
+
+
+def test_an_unknown_metric_names_the_valid_ones():
+    assert scoring.get_metric("rouge_l") is scoring.rouge_l
+    with pytest.raises(UnknownNameError, match="unknown metric 'rouge'.*rouge_l.*sari"):
+        scoring.get_metric("rouge")
