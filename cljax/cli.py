@@ -79,7 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         runs.append((method, overrides, config_lib.resolve(cfg, overrides, method)))
     run_dirs = []
     for method, overrides, one in runs:
-        print(f"== {one.run.name}: {one.method.name} on {one.model.family}/{one.model.preset}")
+        model = one.model.checkpoint or f"{one.model.family}/{one.model.preset}"
+        print(f"== {one.run.name}: {one.method.name} on {model}")
         run_experiment(cfg, overrides=overrides, method=method, restart=args.restart)
         run_dirs.append(Path(one.run.out_dir) / one.run.name)
     if len(run_dirs) > 1:
