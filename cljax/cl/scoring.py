@@ -6,7 +6,7 @@ punctuation, collapse whitespace) and compare for exact match.
 
 Free-text tasks (TRACE and a user's own files) name a metric from :data:`METRICS`.
 Each maps ``(predictions, references, sources)`` to a score in 0-100, averaged over
-items: ``accuracy`` (exact match after normalisation), ``rouge_l`` (``rouge-score``'s
+items: ``accuracy`` (exact match of the stripped strings), ``rouge_l`` (``rouge-score``'s
 ROUGE-L F1), ``edit_similarity`` (``rapidfuzz``'s normalised Indel ratio, the
 ``fuzz.ratio`` TRACE reports for code), ``bleu`` (``sacrebleu``'s corpus BLEU) and
 ``sari`` (written here: no maintained package computes it without a model hub).
@@ -61,8 +61,9 @@ def _pairs(predictions: Sequence[str], references: Sequence) -> list[tuple]:
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str], sources=()) -> float:
-    """Exact match after normalisation, in percent."""
-    hits = [normalize_answer(p) == normalize_answer(r) for p, r in _pairs(predictions, references)]
+    """Exact match of the stripped strings, in percent (as TRACE compares them; extract
+    the answer first, see :func:`score`)."""
+    hits = [p.strip() == r.strip() for p, r in _pairs(predictions, references)]
     return 100.0 * sum(hits) / len(hits)
 
 
@@ -161,6 +162,33 @@ def _sari_sentence(source: list[str], output: list[str], references: list[list[s
     return (keep + delete + add) / 3
 
 
+def first_letter(text: str) -> str:
+    """The first non-space character, uppercased: the chosen option of "A"/"B"/"C"
+    answers (TRACE scores C-STANCE, FOMC and ScienceQA on it)."""
+    stripped = text.strip()
+    return stripped[:1].upper()
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def first_number(text: str) -> str:
+    """The first number in ``text`` in a canonical form ("6.50" -> "6.5", "7.0" -> "7"),
+    or "" if it has none (NumGLUE's answers)."""
+    match = _NUMBER.search(text.replace(",", ""))
+    if not match:
+        return ""
+    value = float(match.group())
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "text": lambda text: text,
+    "first_letter": first_letter,
+    "first_number": first_number,
+}
+
+
 METRICS: dict[str, Metric] = {
     "accuracy": accuracy,
     "rouge_l": rouge_l,
@@ -174,3 +202,22 @@ def get_metric(name: str) -> Metric:
     if name not in METRICS:
         raise UnknownNameError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
     return METRICS[name]
+
+
+def score(
+    metric: str,
+    predictions: Sequence[str],
+    references: Sequence[str],
+    sources: Sequence[str] = (),
+    extract: str = "text",
+) -> float:
+    """A task's score (0-100): ``extract`` (a name of :data:`EXTRACTORS`) applied to
+    both predictions and references, then ``metric``."""
+    if extract not in EXTRACTORS:
+        raise UnknownNameError(
+            f"unknown answer extraction {extract!r}; valid: {', '.join(EXTRACTORS)}"
+        )
+    pick = EXTRACTORS[extract]
+    return get_metric(metric)(
+        [pick(p) for p in predictions], [pick(r) for r in references], sources
+    )

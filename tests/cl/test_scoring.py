@@ -70,7 +70,7 @@ def test_rouge_l_edit_similarity_bleu_and_accuracy_by_hand():
         100.0
     )
     assert scoring.bleu(["a b c d"], ["w x y z"]) == 0.0
-    assert scoring.accuracy(["Yes.", "no"], ["yes", "yes"]) == 50.0
+    assert scoring.accuracy([" 7\n", "A"], ["7", "a"]) == 50.0
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         scoring.rouge_l(["a", "b"], ["a"])
 
@@ -79,3 +79,18 @@ def test_an_unknown_metric_names_the_valid_ones():
     assert scoring.get_metric("rouge_l") is scoring.rouge_l
     with pytest.raises(UnknownNameError, match="unknown metric 'rouge'.*rouge_l.*sari"):
         scoring.get_metric("rouge")
+
+
+def test_answer_extraction_as_trace_scores_choices_and_numbers():
+    assert scoring.first_letter("  b\nBecause foxes are mammals.") == "B"
+    assert scoring.first_letter("") == ""
+    assert scoring.first_number("The answer is 6.50 kg, not 7") == "6.5"
+    assert scoring.first_number("1,200.0") == "1200"
+    assert scoring.first_number("none") == ""
+    # ScienceQA: the option letter decides, the reasoning after it does not
+    refs = ["B\nBecause water is a compound.", "A\nBecause iron is magnetic."]
+    preds = ["B\nBecause it is wet.", "B"]
+    assert scoring.score("accuracy", preds, refs, extract="first_letter") == 50.0
+    assert scoring.score("accuracy", ["6.5", "65"], ["6.50", "6.5"], extract="first_number") == 50.0
+    with pytest.raises(UnknownNameError, match="unknown answer extraction 'letter'.*first_letter"):
+        scoring.score("accuracy", ["a"], ["a"], extract="letter")
