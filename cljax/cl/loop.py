@@ -41,11 +41,13 @@ from cljax.cl.rundir import (
     drop_log_after,
     sync,
 )
-from cljax.config import Config, resolve
+from cljax.config import Config, check_file_task, resolve
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
+from cljax.data.files import TextExample, file_task, plain_render
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
 from cljax.data.tasks import get_dataset, get_order
+from cljax.data.trace import TRACE_ORDER, get_trace_task, trace_task
 from cljax.errors import (
     CljaxError,
     ConfigError,
@@ -75,8 +77,20 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
     """Read (or generate) the tasks, load or train the tokenizer, tokenize every split."""
     data = cfg.data
     names = tuple(n.strip() for n in data.order.split(",") if n.strip())
+    files = {name: check_file_task(name, entry) for name, entry in data.files.items()}
     skipped: list[dict[str, str]] = []
+    # A tokenizer directory is loaded first: free-text prompts may render through its chat
+    # template. The 'bpe' tokenizer is trained on the tasks, so after them.
+    tokenizer = None if data.tokenizer == "bpe" else batching.load_tokenizer(data.tokenizer)
+
+    def render(example: TextExample) -> str:
+        if data.chat_template:
+            return tokenizer.render_chat(example.context)
+        return plain_render(example)
+
     if data.source == "synthetic":
+        if files:
+            raise ConfigError("data.files needs data.source=json, tfds or trace")
         defaults = SyntheticConfig()
         tasks = synthetic_benchmark(
             SyntheticConfig(
@@ -86,9 +100,9 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
                 test_per_class=data.test_per_class or defaults.test_per_class,
             )
         )
-    elif data.source in ("json", "tfds"):
+    elif data.source in ("json", "tfds", "trace"):
         source_cfg = sources.SourceConfig(
-            source=data.source,
+            source="json" if data.source == "trace" else data.source,
             data_dir=data.data_dir or None,
             tfds_data_dir=data.tfds_data_dir or None,
             train_per_class=data.train_per_class or None,
@@ -99,16 +113,21 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
             invalid_labels=data.invalid_labels,
             empty_sentences=data.empty_sentences,
         )
-        single = len(names) == 1 and names[0].startswith("order")
-        names = get_order(names[0]) if single else names
+        names = _expand_order(names, data.source)
         for name in names:  # every name checked before any file is read
-            get_dataset(name)
-        if data.source == "json":  # a missing benchmark root is no dataset to skip
-            sources.resolve_data_dir(source_cfg.data_dir)
+            if name not in files:
+                get_trace_task(name) if data.source == "trace" else get_dataset(name)
+        if data.source == "json" and set(names) - set(files):
+            sources.resolve_data_dir(source_cfg.data_dir)  # a missing root is no dataset to skip
         tasks = []
         for name in names:
             try:
-                tasks.append(sources.load_task(name, source_cfg))
+                if name in files:
+                    tasks.append(file_task(name, files[name], source_cfg, render))
+                elif data.source == "trace":
+                    tasks.append(trace_task(name, source_cfg, render))
+                else:
+                    tasks.append(sources.load_task(name, source_cfg))
             except FileNotFoundError as err:
                 if data.missing != "skip":
                     raise
@@ -116,11 +135,9 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         if not tasks:
             raise FileNotFoundError(f"data.missing=skip left no dataset of {data.order!r}")
     else:
-        raise ConfigError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
-    if data.tokenizer == "bpe":
+        raise ConfigError(f"data.source={data.source!r}; valid: synthetic, json, tfds, trace")
+    if tokenizer is None:
         tokenizer = batching.task_tokenizer(tasks, vocab_size=data.tokenizer_vocab_size)
-    else:
-        tokenizer = batching.load_tokenizer(data.tokenizer)
 
     def encode(task: sources.TaskData, examples: Sequence[sources.Example]) -> EncodedSplit:
         return batching.encode_split(
@@ -142,6 +159,15 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         metadata=tuple(t.metadata for t in tasks),
         skipped=tuple(skipped),
     )
+
+
+def _expand_order(names: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """A lone published order name (``order3``; ``trace`` for TRACE) as its task names."""
+    if len(names) != 1:
+        return names
+    if source == "trace":
+        return TRACE_ORDER if names[0] == "trace" else names
+    return get_order(names[0]) if names[0].startswith("order") else names
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -487,10 +513,8 @@ class ContinualRun:
         row = np.full(len(self.data.names), np.nan)
         for i in range(upto):
             score = self.evaluate_task(i)
-            row[i] = score.accuracy
-            self.log(
-                f"  {self.data.names[i]}: {score.accuracy:.2f} ({score.correct}/{score.total})"
-            )
+            row[i] = score.score
+            self.log(f"  {self.data.names[i]}: {score}")
         return row
 
     # -- checkpoints -------------------------------------------------------------------
@@ -700,6 +724,7 @@ class ContinualRun:
             accuracy=pos.accuracy,
             base=pos.base,
             test_sizes=[len(s) for s in self.data.test],
+            task_metrics=[s.spec.metric for s in self.data.test],
         )
         if report.completed_rows(pos.accuracy):
             report.plot_run(self.run_dir)

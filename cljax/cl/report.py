@@ -51,10 +51,12 @@ def write_accuracy(
     accuracy: np.ndarray,
     base: Sequence[float] | None = None,
     test_sizes: Sequence[int] | None = None,
+    task_metrics: Sequence[str] | None = None,
 ) -> ContinualMetrics | None:
     """Write ``accuracy.json`` and ``accuracy.csv`` for a matrix (T, T) that may be
-    partial (rows of tasks not trained yet are NaN). Returns the metrics of the
-    completed rows, None if there are none."""
+    partial (rows of tasks not trained yet are NaN). Each entry is the task's own metric
+    (``task_metrics``, e.g. ``accuracy``, ``rouge_l``, ``sari``; all accuracy if None),
+    0-100. Returns the metrics of the completed rows, None if there are none."""
     accuracy = np.asarray(accuracy, dtype=np.float64)
     done = completed_rows(accuracy)
     metrics = None
@@ -72,6 +74,7 @@ def write_accuracy(
         "accuracy": [[float(v) if math.isfinite(v) else None for v in row] for row in accuracy],
         "base": None if base is None else [float(b) for b in base],
         "test_sizes": None if test_sizes is None else [int(n) for n in test_sizes],
+        "task_metrics": list(task_metrics or ["accuracy"] * len(tasks)),
         "tasks_done": done,
         "metrics": None if metrics is None else metrics.as_dict(),
     }

@@ -36,16 +36,6 @@ def extract_answer(generated: str, marker: str = "Answer:") -> str:
     return generated if index < 0 else generated[index + len(marker) :]
 
 
-def exact_match(predictions: Sequence[str], labels: Sequence[str]) -> list[bool]:
-    """Per-item exact match after extraction and normalisation."""
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    return [
-        normalize_answer(extract_answer(p)) == normalize_answer(label)
-        for p, label in zip(predictions, labels, strict=True)
-    ]
-
-
 # --------------------------------------------------------------------------- free text
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
@@ -183,6 +173,7 @@ def first_number(text: str) -> str:
 
 
 EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "label": lambda text: normalize_answer(extract_answer(text)),  # the protocol's
     "text": lambda text: text,
     "first_letter": first_letter,
     "first_number": first_number,
