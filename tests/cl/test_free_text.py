@@ -2,6 +2,7 @@
 (all three record shapes, mixed with a benchmark task), scored with each task's metric."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from cljax.cl import loop
 from cljax.config import Config, apply_overrides
-from cljax.errors import ConfigError, UnknownNameError
+from cljax.data import batching
+from cljax.errors import ConfigError, DataError, UnknownNameError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
@@ -135,3 +137,72 @@ def test_bad_free_text_configs_fail_at_start_up(tmp_path):
     cfg = free_text_config(tmp_path, "data.order=FOMC,Trace")
     with pytest.raises(UnknownNameError, match="unknown TRACE task 'Trace'"):
         loop.run_experiment(cfg, log=lambda _: None)
+
+
+@pytest.fixture
+def chat_tokenizer_dir(tmp_path, gpt2_tokenizer_dir):
+    """GPT-2's tokenizer with LLaMA-2-chat's template (tests/fixtures) added."""
+    folder = tmp_path / "chat-tokenizer"
+    shutil.copytree(gpt2_tokenizer_dir, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = (FIXTURES / "llama2_chat_template.jinja").read_text()
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_chat_prompts_render_as_the_tokenizers_own_template(chat_tokenizer_dir, gpt2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    turns = [
+        ("system", "Be brief."),
+        ("user", "Capital of France?"),
+        ("assistant", "Paris."),
+        ("user", "And of Italy?"),
+    ]
+    tokenizer = batching.load_tokenizer(chat_tokenizer_dir)
+    rendered = tokenizer.render_chat(turns)
+    bos = "<|endoftext|>"  # GPT-2's bos; the batches add it, so the rendering drops it
+    assert rendered == (
+        "[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nCapital of France? [/INST] Paris. "
+        f"{bos}{bos}[INST] And of Italy? [/INST]"
+    )
+    own = AutoTokenizer.from_pretrained(str(chat_tokenizer_dir)).apply_chat_template(
+        [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True
+    )
+    assert own == bos + rendered
+    with pytest.raises(DataError, match="has no chat_template"):
+        batching.load_tokenizer(gpt2_tokenizer_dir).render_chat(turns)
+
+
+def test_a_chat_file_trains_and_generates_through_the_template(tmp_path, chat_tokenizer_dir):
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {w}."},
+                {"role": "assistant", "content": w},
+            ]
+        }
+        for w in ("yes", "no")
+    ]
+    files = {
+        "say": {
+            "train": write_jsonl(tmp_path / "say.jsonl", chat),
+            "test": write_jsonl(tmp_path / "say_test.jsonl", chat),
+            "metric": "accuracy",
+        }
+    }
+    cfg = free_text_config(
+        tmp_path,
+        "data.source=json",
+        "data.order=say",
+        f"data.tokenizer={chat_tokenizer_dir}",
+        "data.chat_template=True",
+    )
+    cfg.data.files = files
+    data = loop.load_benchmark_data(cfg)
+    assert data.tokenizer.decode(data.test[0].prompts[0]) == "[INST] Say yes. [/INST]"
+    loop.run_experiment(cfg, log=lambda _: None)
+    record = json.loads((tmp_path / "free-text" / "accuracy.json").read_text())
+    assert record["tasks"] == ["say"] and record["tasks_done"] == 1
+    with pytest.raises(ConfigError, match="data.chat_template=True needs data.tokenizer"):
+        loop.run_experiment(free_text_config(tmp_path, "data.chat_template=True"), log=print)
