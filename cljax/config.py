@@ -213,8 +213,15 @@ class EvalConfig(_Section):
         choices=("generate", "rank"),
     )
     batch_size: int = field(32, "evaluation batch size", positive=True)
-    max_new_tokens: int = field(50, "greedy decoding budget", positive=True)
+    max_new_tokens: int = field(
+        50, "greedy decoding budget (a free-text task's own length, at most this)", positive=True
+    )
     all_tasks: bool = field(True, "evaluate unseen tasks too (gives forward transfer)")
+    general: list = field(
+        [],
+        "general-ability sets (JSON/JSONL files of multiple-choice or numeric-answer"
+        " records, see cljax.cl.general) scored on the base model and after every task",
+    )
 
 
 @dataclasses.dataclass
@@ -570,6 +577,11 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
     for name, entry in cfg.data.files.items():
         check_file_task(name, entry)
+    stems = [Path(p).stem for p in cfg.eval.general]
+    if not all(isinstance(p, str) and p for p in cfg.eval.general) or len(set(stems)) < len(stems):
+        raise ConfigError(
+            f"eval.general={cfg.eval.general!r}: a list of file paths with distinct names"
+        )
     free_text = cfg.data.source == "trace" or bool(cfg.data.files)
     if free_text and cfg.eval.mode == "rank":
         raise ConfigError(

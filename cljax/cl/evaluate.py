@@ -10,7 +10,7 @@ fall into few length buckets (each bucket compiles once).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -65,27 +65,74 @@ def evaluate_generate(
     return TaskScore(value, spec.metric, len(texts), tuple(texts))
 
 
+def _row_scores(
+    score_fn: Callable[[Any], jax.Array],
+    enc: EncodedSplit,
+    tokenizer: TextTokenizer,
+    batch_config: BatchConfig,
+) -> np.ndarray:
+    """(len(enc),) each row's summed answer log-likelihood (answer tokens and eos) given
+    its prompt. ``score_fn(batch) -> (B,)`` is the family's ``answer_logprob`` with the
+    model bound (jitted by the caller); rows are batched as training rows."""
+    scores = np.full(len(enc), -np.inf)
+    for batch in train_batches(enc, tokenizer, batch_config, epoch=0, seed=0):
+        rows = batch.example_index
+        values = np.asarray(score_fn(batch))
+        valid = rows >= 0
+        scores[rows[valid]] = values[valid]
+    return scores
+
+
 def evaluate_rank(
     score_fn: Callable[[Any], jax.Array],
     enc: EncodedSplit,
     tokenizer: TextTokenizer,
     batch_config: BatchConfig,
 ) -> TaskScore:
-    """Rank classification: each option's summed answer log-likelihood (answer tokens
-    and eos) given the prompt; the prediction is the best option.
-
-    ``score_fn(batch) -> (B,)`` is the family's ``answer_logprob`` with the model bound
-    (jitted by the caller). Rows are batched as training rows whose answer is the option.
-    """
+    """Rank classification: each option scored as the answer of every item
+    (:func:`_row_scores`); the prediction is the best option."""
     options = enc.spec.options
-    scores = np.full((len(enc), len(options)), -np.inf)
-    for j, option_ids in enumerate(enc.option_ids):
-        as_option = dataclasses.replace(enc, answers=tuple(option_ids for _ in range(len(enc))))
-        for batch in train_batches(as_option, tokenizer, batch_config, epoch=0, seed=0):
-            rows = batch.example_index
-            values = np.asarray(score_fn(batch))
-            valid = rows >= 0
-            scores[rows[valid], j] = values[valid]
+    scores = np.stack(
+        [
+            _row_scores(
+                score_fn,
+                dataclasses.replace(enc, answers=tuple(ids for _ in range(len(enc)))),
+                tokenizer,
+                batch_config,
+            )
+            for ids in enc.option_ids
+        ],
+        axis=1,
+    )
     predicted = [options[k] for k in np.argmax(scores, axis=1)]
     value = scoring.score("accuracy", predicted, enc.labels, extract="label")
     return TaskScore(value, "accuracy", len(predicted), tuple(predicted))
+
+
+def evaluate_choices(
+    score_fn: Callable[[Any], jax.Array],
+    enc: EncodedSplit,
+    choices: Sequence[Sequence[np.ndarray]],
+    answers: Sequence[int],
+    tokenizer: TextTokenizer,
+    batch_config: BatchConfig,
+) -> TaskScore:
+    """Multiple choice with each item's own choices (``choices[i]``: token ids of item
+    i's choices): every (item, choice) pair scored (:func:`_row_scores`), the likeliest
+    choice is the prediction, accuracy against ``answers`` (choice indices)."""
+    pairs = [(i, j) for i, item in enumerate(choices) for j in range(len(item))]
+    expanded = dataclasses.replace(
+        enc,
+        prompts=tuple(enc.prompts[i] for i, _ in pairs),
+        answers=tuple(choices[i][j] for i, j in pairs),
+        labels=tuple(enc.labels[i] for i, _ in pairs),
+        sources=tuple(enc.sources[i] for i, _ in pairs),
+    )
+    flat = _row_scores(score_fn, expanded, tokenizer, batch_config)
+    best, start = [], 0
+    for item in choices:
+        best.append(int(np.argmax(flat[start : start + len(item)])))
+        start += len(item)
+    hits = [b == a for b, a in zip(best, answers, strict=True)]
+    letters = tuple(chr(ord("A") + b) for b in best)
+    return TaskScore(100.0 * sum(hits) / len(hits), "accuracy", len(hits), letters)

@@ -31,7 +31,8 @@ from cljax import distributed, parallel
 from cljax.cl import report
 from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import CorruptCheckpointError, RunCheckpointer
-from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
+from cljax.cl.evaluate import TaskScore, evaluate_choices, evaluate_generate, evaluate_rank
+from cljax.cl.general import load_general_set
 from cljax.cl.methods import Method, get_method
 from cljax.cl.rundir import (
     Progress,
@@ -352,6 +353,8 @@ class Position:
     step: int = 0  # optimizer steps done in this phase
     phase_done: bool = False  # trained, end_task run, evaluated
     global_step: int = 0
+    # eval.general scores: row 0 the base model, row t + 1 after phase t (None: no sets)
+    general: list[list[float]] | None = None
 
     def record(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -407,6 +410,15 @@ class ContinualRun:
             cfg, parallel.data_parallel_size(self.mesh, self.rules)
         )
         self.data = load_benchmark_data(cfg)
+        self.general = tuple(
+            load_general_set(
+                path,
+                self.data.tokenizer,
+                max_source_tokens=cfg.data.max_source_length,
+                max_target_tokens=cfg.data.max_target_length,
+            )
+            for path in cfg.eval.general
+        )
         for entry in self.data.skipped:
             self.log(f"data.missing=skip: left out {entry['dataset']} ({entry['reason']})")
         self._build_state()
@@ -478,6 +490,18 @@ class ContinualRun:
                 )
 
     # -- evaluation ------------------------------------------------------------------
+    def _score_fn(self) -> Callable[[Batch], np.ndarray]:
+        """The model's summed answer log-likelihood per row of a host batch (jitted once
+        per model structure)."""
+        graphdef, state = nnx.split(self.model)
+        if graphdef not in self._rank_fns:
+            family = self.family
+            self._rank_fns[graphdef] = jax.jit(
+                lambda s, b: family.answer_logprob(nnx.merge(graphdef, s), b)
+            )
+        score = self._rank_fns[graphdef]
+        return lambda b: parallel.to_host(score(state, device_batch(b, self.mesh, self.rules)))
+
     def evaluate_task(self, i: int) -> TaskScore:
         ev = self.cfg.eval
         self.model.eval()
@@ -491,21 +515,45 @@ class ContinualRun:
                     batch_size=ev.batch_size,
                     max_new_tokens=ev.max_new_tokens,
                 )
-            graphdef, state = nnx.split(self.model)
-            if graphdef not in self._rank_fns:
-                family = self.family
-                self._rank_fns[graphdef] = jax.jit(
-                    lambda s, b: family.answer_logprob(nnx.merge(graphdef, s), b)
-                )
-            score = self._rank_fns[graphdef]
             return evaluate_rank(
-                lambda b: parallel.to_host(score(state, device_batch(b, self.mesh, self.rules))),
+                self._score_fn(),
                 self.data.test[i],
                 self.data.tokenizer,
                 dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
             )
         finally:
             self.model.train()
+
+    def evaluate_general(self) -> list[float]:
+        """The score of every ``eval.general`` set (see ``cljax.cl.general``)."""
+        ev = self.cfg.eval
+        scores = []
+        self.model.eval()
+        try:
+            for general in self.general:
+                if general.kind == "number":
+                    result = evaluate_generate(
+                        self.family,
+                        self.model,
+                        general.split,
+                        self.data.tokenizer,
+                        batch_size=ev.batch_size,
+                        max_new_tokens=ev.max_new_tokens,
+                    )
+                else:
+                    result = evaluate_choices(
+                        self._score_fn(),
+                        general.split,
+                        general.choices,
+                        general.answers,
+                        self.data.tokenizer,
+                        dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
+                    )
+                self.log(f"  general {general.name}: {result}")
+                scores.append(result.score)
+        finally:
+            self.model.train()
+        return scores
 
     def evaluate_row(self, seen: int) -> np.ndarray:
         """Accuracy on every task (``eval.all_tasks``) or on the first ``seen``."""
@@ -608,6 +656,9 @@ class ContinualRun:
             if self.cfg.eval.all_tasks and not method.joint:
                 self.log("untrained model (for forward transfer):")
                 pos.base = [float(v) for v in self.evaluate_row(len(names))]
+            if self.general:
+                self.log("untrained model, general ability:")
+                pos.general = [self.evaluate_general()]
             start = 0
         else:
             record = ckpt.read_record(latest)
@@ -640,6 +691,8 @@ class ContinualRun:
             if method.keeps_task_models:  # each earlier task keeps its own model
                 row[:phase] = np.diag(pos.accuracy)[:phase]
             pos.accuracy[phase] = row
+            if self.general:
+                pos.general = [*pos.general[: phase + 1], self.evaluate_general()]
             pos.phase_done = True
             # The evaluation is logged before the checkpoint that holds it: a kill in
             # between resumes from the previous checkpoint, which drops it and logs it anew.
@@ -725,6 +778,9 @@ class ContinualRun:
             base=pos.base,
             test_sizes=[len(s) for s in self.data.test],
             task_metrics=[s.spec.metric for s in self.data.test],
+            general=None
+            if pos.general is None
+            else {"sets": [g.name for g in self.general], "scores": pos.general},
         )
         if report.completed_rows(pos.accuracy):
             report.plot_run(self.run_dir)

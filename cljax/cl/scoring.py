@@ -172,11 +172,19 @@ def first_number(text: str) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def last_number(text: str) -> str:
+    """The last number in ``text`` in the canonical form of :func:`first_number`: a
+    worked answer's result (GSM8K's ``#### 42``)."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    return first_number(found[-1]) if found else ""
+
+
 EXTRACTORS: dict[str, Callable[[str], str]] = {
     "label": lambda text: normalize_answer(extract_answer(text)),  # the protocol's
     "text": lambda text: text,
     "first_letter": first_letter,
     "first_number": first_number,
+    "last_number": last_number,
 }
 
 
