@@ -219,8 +219,9 @@ class EvalConfig(_Section):
     all_tasks: bool = field(True, "evaluate unseen tasks too (gives forward transfer)")
     general: list = field(
         [],
-        "general-ability sets (JSON/JSONL files of multiple-choice or numeric-answer"
-        " records, see cljax.cl.general) scored on the base model and after every task",
+        "general-ability sets scored on the base model and after every task: JSON/JSONL"
+        " files of multiple-choice or numeric-answer records, or benchmark dataset names"
+        " (their test items, multiple choice over the options); see cljax.cl.general",
     )
 
 

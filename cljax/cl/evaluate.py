@@ -10,7 +10,7 @@ fall into few length buckets (each bucket compiles once).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,6 +19,7 @@ from flax import nnx
 
 from cljax.cl import scoring
 from cljax.cl.backbone import Family
+from cljax.cl.general import GeneralSet
 from cljax.data.batching import BatchConfig, EncodedSplit, TextTokenizer, train_batches
 
 
@@ -111,28 +112,20 @@ def evaluate_rank(
 
 def evaluate_choices(
     score_fn: Callable[[Any], jax.Array],
-    enc: EncodedSplit,
-    choices: Sequence[Sequence[np.ndarray]],
-    answers: Sequence[int],
+    general: GeneralSet,
     tokenizer: TextTokenizer,
     batch_config: BatchConfig,
 ) -> TaskScore:
-    """Multiple choice with each item's own choices (``choices[i]``: token ids of item
-    i's choices): every (item, choice) pair scored (:func:`_row_scores`), the likeliest
-    choice is the prediction, accuracy against ``answers`` (choice indices)."""
-    pairs = [(i, j) for i, item in enumerate(choices) for j in range(len(item))]
-    expanded = dataclasses.replace(
-        enc,
-        prompts=tuple(enc.prompts[i] for i, _ in pairs),
-        answers=tuple(choices[i][j] for i, j in pairs),
-        labels=tuple(enc.labels[i] for i, _ in pairs),
-        sources=tuple(enc.sources[i] for i, _ in pairs),
-    )
-    flat = _row_scores(score_fn, expanded, tokenizer, batch_config)
-    best, start = [], 0
-    for item in choices:
-        best.append(int(np.argmax(flat[start : start + len(item)])))
-        start += len(item)
-    hits = [b == a for b, a in zip(best, answers, strict=True)]
-    letters = tuple(chr(ord("A") + b) for b in best)
+    """Multiple choice with each item's own choices: every (item, choice) row scored
+    (:func:`_row_scores`), the likeliest choice is the prediction, accuracy against the
+    set's answer indices."""
+    rows, pairs = general.choice_rows()
+    flat = _row_scores(score_fn, rows, tokenizer, batch_config)
+    best = np.full(len(general.choices), -1)
+    best_score = np.full(len(general.choices), -np.inf)
+    for (i, j), value in zip(pairs, flat, strict=True):
+        if value > best_score[i]:
+            best[i], best_score[i] = j, value
+    hits = [int(b) == a for b, a in zip(best, general.answers, strict=True)]
+    letters = tuple(chr(ord("A") + int(b)) for b in best)
     return TaskScore(100.0 * sum(hits) / len(hits), "accuracy", len(hits), letters)

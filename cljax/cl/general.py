@@ -11,7 +11,11 @@ A set is a JSON list (``.json``) or JSONL file whose records all have one of two
   generation after ``Question: ...\\nAnswer:``; the last number of the output is compared
   with the last number of the answer (GSM8K's ``#### 42`` included).
 
-The set's name is its file's stem.
+The set's name is its file's stem. An entry of ``eval.general`` may instead name a
+benchmark dataset (e.g. ``SST-2``): its test items (``data.test_per_class`` per class,
+seeded) in the benchmark's prompt format, multiple choice over its options. With a base
+pretrained by ``cljax pretrain``, the tasks left out of the order are its general
+abilities.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import numpy as np
 
 from cljax.data.batching import EncodedSplit, TextTokenizer, encode_split
 from cljax.data.files import read_records
-from cljax.data.sources import Example
+from cljax.data.sources import Example, TaskData
 from cljax.data.tasks import GENERATION, PLAIN_TEXT, DatasetSpec
 from cljax.errors import DataError
 
@@ -49,6 +53,20 @@ class GeneralSet:
     split: EncodedSplit
     choices: tuple[tuple[np.ndarray, ...], ...] = ()
     answers: tuple[int, ...] = ()
+
+    def choice_rows(self) -> tuple[EncodedSplit, list[tuple[int, int]]]:
+        """Multiple choice: one row per (item, choice), the choice as the answer, and the
+        ``(item, choice)`` pair of each row."""
+        pairs = [(i, j) for i, item in enumerate(self.choices) for j in range(len(item))]
+        enc = self.split
+        rows = dataclasses.replace(
+            enc,
+            prompts=tuple(enc.prompts[i] for i, _ in pairs),
+            answers=tuple(self.choices[i][j] for i, j in pairs),
+            labels=tuple(enc.labels[i] for i, _ in pairs),
+            sources=tuple(enc.sources[i] for i, _ in pairs),
+        )
+        return rows, pairs
 
 
 def _prompt(record: dict, kind: str) -> str:
@@ -119,3 +137,19 @@ def load_general_set(
         for _, r in records
     )
     return GeneralSet(path.stem, kind, split, choices, tuple(r["answer"] for _, r in records))
+
+
+def benchmark_general_set(
+    task: TaskData, tokenizer: TextTokenizer, *, max_source_tokens: int, max_target_tokens: int
+) -> GeneralSet:
+    """A benchmark task's test items as a multiple-choice set over its options."""
+    split = encode_split(
+        task.spec,
+        task.test,
+        tokenizer,
+        max_source_tokens=max_source_tokens,
+        max_target_tokens=max_target_tokens,
+    )
+    options = task.spec.options
+    answers = tuple(options.index(ex.label) for ex in task.test)
+    return GeneralSet(task.spec.name, CHOICE, split, (split.option_ids,) * len(split), answers)

@@ -32,7 +32,7 @@ from cljax.cl import report
 from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import CorruptCheckpointError, RunCheckpointer
 from cljax.cl.evaluate import TaskScore, evaluate_choices, evaluate_generate, evaluate_rank
-from cljax.cl.general import load_general_set
+from cljax.cl.general import GeneralSet, benchmark_general_set, load_general_set
 from cljax.cl.methods import Method, get_method
 from cljax.cl.rundir import (
     Progress,
@@ -47,7 +47,7 @@ from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
 from cljax.data.files import TextExample, file_task, plain_render
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
-from cljax.data.tasks import get_dataset, get_order
+from cljax.data.tasks import DATASETS, get_dataset, get_order
 from cljax.data.trace import TRACE_ORDER, get_trace_task, trace_task
 from cljax.errors import (
     CljaxError,
@@ -160,6 +160,44 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         metadata=tuple(t.metadata for t in tasks),
         skipped=tuple(skipped),
     )
+
+
+def load_general_sets(
+    cfg: Config, tokenizer: TextTokenizer, order: Sequence[str]
+) -> tuple[GeneralSet, ...]:
+    """The ``eval.general`` sets: files, or benchmark datasets named by their name (none
+    of ``order``, the run's tasks: a general set is held out from training)."""
+    data = cfg.data
+    limits = {
+        "max_source_tokens": data.max_source_length,
+        "max_target_tokens": data.max_target_length,
+    }
+    sets = []
+    for entry in cfg.eval.general:
+        if Path(entry).is_file():
+            sets.append(load_general_set(entry, tokenizer, **limits))
+            continue
+        if entry not in DATASETS:
+            raise ConfigError(
+                f"eval.general: {entry!r} is neither a file nor a benchmark dataset"
+                f" ({', '.join(DATASETS)})"
+            )
+        if entry in order:
+            raise ConfigError(
+                f"eval.general: {entry!r} is a task of data.order, trained on: not a held-out"
+                " general ability"
+            )
+        source = sources.SourceConfig(
+            source="tfds" if data.source == "tfds" else "json",
+            data_dir=None if data.source == "trace" else data.data_dir or None,
+            tfds_data_dir=data.tfds_data_dir or None,
+            test_per_class=data.test_per_class or None,
+            seed=data.seed,
+            holdout_fraction=data.holdout_fraction or None,
+        )
+        task = sources.load_task(entry, source)
+        sets.append(benchmark_general_set(task, tokenizer, **limits))
+    return tuple(sets)
 
 
 def _expand_order(names: tuple[str, ...], source: str) -> tuple[str, ...]:
@@ -410,15 +448,7 @@ class ContinualRun:
             cfg, parallel.data_parallel_size(self.mesh, self.rules)
         )
         self.data = load_benchmark_data(cfg)
-        self.general = tuple(
-            load_general_set(
-                path,
-                self.data.tokenizer,
-                max_source_tokens=cfg.data.max_source_length,
-                max_target_tokens=cfg.data.max_target_length,
-            )
-            for path in cfg.eval.general
-        )
+        self.general = load_general_sets(cfg, self.data.tokenizer, self.data.names)
         for entry in self.data.skipped:
             self.log(f"data.missing=skip: left out {entry['dataset']} ({entry['reason']})")
         self._build_state()
@@ -474,11 +504,19 @@ class ContinualRun:
 
     def _check_buckets(self) -> None:
         """With explicit ``data.length_buckets``, every row must fit the largest one:
-        checked now rather than when the first long batch comes up."""
+        checked now rather than when the first long batch comes up. Rows are training
+        rows, and the prompt + option rows that rank scoring and multiple-choice
+        general sets score."""
         if not self.cfg.data.length_buckets:
             return
         largest = max(self.cfg.data.length_buckets)
-        for name, split in zip(self.data.names, self.data.train, strict=True):
+        scored = list(zip(self.data.names, self.data.train, strict=True))
+        if self.cfg.eval.mode == "rank":  # each test prompt with its longest option
+            for name, split in zip(self.data.names, self.data.test, strict=True):
+                option = max(split.option_ids, key=len)
+                scored.append((name, dataclasses.replace(split, answers=(option,) * len(split))))
+        scored += [(g.name, g.choice_rows()[0]) for g in self.general if g.kind == "choice"]
+        for name, split in scored:
             fmt = self.family.format
             longest = int(
                 batching.sequence_lengths(split, self.data.tokenizer, fmt, train=True).max()
@@ -543,9 +581,7 @@ class ContinualRun:
                 else:
                     result = evaluate_choices(
                         self._score_fn(),
-                        general.split,
-                        general.choices,
-                        general.answers,
+                        general,
                         self.data.tokenizer,
                         dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
                     )

@@ -11,7 +11,7 @@ from cljax.cl import loop, report
 from cljax.cl.evaluate import evaluate_choices
 from cljax.cl.general import load_general_set
 from cljax.data.batching import BatchConfig, load_tokenizer
-from cljax.errors import DataError
+from cljax.errors import ConfigError, DataError
 from tests.cl.test_loop import tiny_config
 
 CHOICES = [
@@ -48,9 +48,7 @@ def test_multiple_choice_picks_each_items_likeliest_choice(tmp_path, gpt2_tokeni
         return -np.asarray(batch.loss_mask).sum(axis=1)
 
     config = BatchConfig(batch_size=4, max_source_tokens=64, max_target_tokens=8)
-    result = evaluate_choices(
-        score_fn, general.split, general.choices, general.answers, tokenizer, config
-    )
+    result = evaluate_choices(score_fn, general, tokenizer, config)
     # shortest choice per item: "apple" (right), "blue" (right), "4" (wrong: answer 0)
     assert result.predictions == ("A", "B", "B")
     assert result.score == pytest.approx(200 / 3)
@@ -93,3 +91,34 @@ def test_general_ability_is_scored_before_and_after_every_task(tmp_path):
     assert (run_dir / "general_ability.png").is_file()
     table = report.compare_runs([run_dir])
     assert "General delta" in table.splitlines()[0] and f"{delta:.2f}" in table
+
+
+def test_a_benchmark_dataset_serves_as_a_held_out_general_set(tmp_path, benchmark_dir):
+    cfg = tiny_config(
+        tmp_path, "llama", "seqft", f"data.data_dir={benchmark_dir}", "eval.general=['SST-2']"
+    )
+    with pytest.raises(ConfigError, match="'SST-2' has rows of .* tokens; add a bucket"):
+        loop.ContinualRun(cfg, log=lambda _: None)
+    cfg.data.length_buckets = [384]
+    run = loop.ContinualRun(cfg, log=lambda _: None)
+    (sst2,) = run.general
+    assert sst2.name == "SST-2" and sst2.kind == "choice" and len(sst2.answers) == 4
+    assert set(sst2.answers) == {0, 1}  # 2 test items per class of Good / Bad
+    assert run.data.tokenizer.decode(sst2.split.prompts[0]).startswith("Task:SC\nDataset:SST-2")
+    assert 0 <= run.evaluate_general()[0] <= 100
+    cfg = tiny_config(
+        tmp_path, "llama", "seqft", f"data.data_dir={benchmark_dir}", "eval.general=['topic']"
+    )
+    with pytest.raises(ConfigError, match="'topic' is neither a file nor a benchmark dataset"):
+        loop.ContinualRun(cfg, log=lambda _: None)
+    cfg = tiny_config(
+        tmp_path,
+        "llama",
+        "seqft",
+        "data.source=json",
+        f"data.data_dir={benchmark_dir}",
+        "data.order=CB,SST-2",
+        "eval.general=['SST-2']",
+    )
+    with pytest.raises(ConfigError, match="'SST-2' is a task of data.order"):
+        loop.ContinualRun(cfg, log=lambda _: None)
