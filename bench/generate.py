@@ -91,6 +91,27 @@ def hf_greedy(hf: torch.nn.Module, new_tokens: int, **inputs: object) -> torch.T
         )
 
 
+def hf_until_eos(
+    hf: torch.nn.Module, prompts: Sequence[Sequence[int]], new_tokens: int, eos: int, pad: int
+) -> list[list[int]]:
+    """transformers' greedy ``generate`` on left-padded prompts, stopping at ``eos``: each
+    row's new tokens up to and including its eos."""
+    from cljax.models.generate import left_pad
+
+    length = max(map(len, prompts))
+    ids, mask = left_pad(prompts, length, pad)
+    with torch.inference_mode():
+        out = hf.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    return _until_eos(out[:, length:].numpy(), eos)
+
+
 def compare(
     name: str,
     generated_tokens: int,
@@ -104,27 +125,42 @@ def compare(
     return Result(name, generated_tokens, cljax_seconds, hf_seconds, same)
 
 
-def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
-    """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
+def _llama_pair(max_positions: int, vocab: int = 32000) -> tuple[torch.nn.Module, object, object]:
+    """A random transformers LLaMA (4 layers, width 256) and its cljax copy."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cljax.models.generate import generate_llama, left_pad
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(
-        vocab_size=32000,
+        vocab_size=vocab,
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
-    model = convert(hf)
+    return hf, convert(hf), hf_cfg
+
+
+def _until_eos(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    """Each row's tokens up to and including its first eos (what both sides agree on;
+    after it, each pads in its own way)."""
+    rows = []
+    for row in np.asarray(tokens):
+        hits = np.flatnonzero(row == eos)
+        rows.append(row[: hits[0] + 1 if hits.size else len(row)].tolist())
+    return rows
+
+
+def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
+    """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
+    from cljax.models.generate import generate_llama, left_pad
+
+    hf, model, hf_cfg = _llama_pair(512)
     prompts = varied_prompts(batch, hf_cfg.vocab_size)
     length = max(map(len, prompts))
     ids, mask = left_pad(prompts, length, hf_cfg.pad_token_id)
@@ -193,41 +229,10 @@ def bench_t5(batch: int, new_tokens: int, repeats: int) -> Result:
     )
 
 
-def _llama_pair(max_positions: int, vocab: int = 32000) -> tuple[torch.nn.Module, object, object]:
-    """A random transformers LLaMA (4 layers, width 256) and its cljax copy."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    hf_cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=max_positions,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    hf = LlamaForCausalLM(hf_cfg).eval()
-    return hf, convert(hf), hf_cfg
-
-
-def _until_eos(tokens: np.ndarray, eos: int) -> list[list[int]]:
-    """Each row's tokens up to and including its first eos (what both sides agree on;
-    after it, each pads in its own way)."""
-    rows = []
-    for row in np.asarray(tokens):
-        hits = np.flatnonzero(row == eos)
-        rows.append(row[: hits[0] + 1 if hits.size else len(row)].tolist())
-    return rows
-
-
 def bench_free_text(batch: int, new_tokens: int, repeats: int) -> Result:
     """LLaMA 4x256, prompts of 16..1024 tokens, up to ``max(new_tokens, 128)`` new ones,
     stopping at eos per row."""
-    from cljax.models.generate import generate_llama, left_pad
+    from cljax.models.generate import generate_llama
 
     new_tokens = max(new_tokens, 128)
     hf, model, hf_cfg = _llama_pair(1024 + new_tokens)
@@ -239,21 +244,9 @@ def bench_free_text(batch: int, new_tokens: int, repeats: int) -> Result:
     free = generate_llama(model, prompts, new_tokens, eos_token_ids=()).tokens
     values, counts = np.unique(free[:, new_tokens // 4 :], return_counts=True)
     eos = int(values[np.argmax(counts)])
-    length = max(map(len, prompts))
-    ids, mask = left_pad(prompts, length, hf_cfg.pad_token_id)
-    ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def run_hf() -> list[list[int]]:
-        with torch.inference_mode():
-            out = hf.generate(
-                input_ids=ids_t,
-                attention_mask=mask_t,
-                max_new_tokens=new_tokens,
-                do_sample=False,
-                eos_token_id=eos,
-                pad_token_id=hf_cfg.pad_token_id,
-            )
-        return _until_eos(out[:, length:].numpy(), eos)
+        return hf_until_eos(hf, prompts, new_tokens, eos, hf_cfg.pad_token_id)
 
     def run_cljax() -> list[list[int]]:
         return _until_eos(
@@ -287,7 +280,6 @@ def bench_evaluate(batch: int, new_tokens: int, repeats: int) -> Result:
     from cljax.data.files import plain_render
     from cljax.data.sources import SourceConfig
     from cljax.data.trace import TRACE_ORDER, trace_task
-    from cljax.models.generate import left_pad
 
     fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "trace"
     tokenizer = load_tokenizer(
@@ -315,18 +307,8 @@ def bench_evaluate(batch: int, new_tokens: int, repeats: int) -> Result:
             limit = min(enc.spec.max_new_tokens or new_tokens, new_tokens)
             bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
             prompts = [[*bos, *p.tolist()] for p in enc.prompts]
-            length = max(map(len, prompts))
-            ids, mask = left_pad(prompts, length, tokenizer.pad_id)
-            with torch.inference_mode():
-                out = hf.generate(
-                    input_ids=torch.tensor(ids, dtype=torch.long),
-                    attention_mask=torch.tensor(mask, dtype=torch.long),
-                    max_new_tokens=limit,
-                    do_sample=False,
-                    eos_token_id=tokenizer.eos_id,
-                    pad_token_id=tokenizer.pad_id,
-                )
-            texts = [tokenizer.decode(row) for row in out[:, length:].numpy()]
+            rows = hf_until_eos(hf, prompts, limit, tokenizer.eos_id, tokenizer.pad_id)
+            texts = [tokenizer.decode(row) for row in rows]
             spec = enc.spec
             scores.append(
                 scoring.score(spec.metric, texts, enc.labels, enc.sources, extract=spec.extract)

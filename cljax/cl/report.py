@@ -227,43 +227,50 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     done = record["tasks_done"]
-    for i, task in enumerate(tasks):
-        ax.plot(range(done), acc[:done, i], marker="o", label=task)
-    ax.set_xticks(range(done), _phase_names(tasks, acc)[:done], rotation=45, ha="right")
-    ax.set_xlabel("after training on")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"{record['method']}: accuracy along the sequence")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
-    plt.close(fig)
+    _line_plot(
+        paths[1],
+        _phase_names(tasks, acc)[:done],
+        [(task, acc[:done, i]) for i, task in enumerate(tasks)],
+        f"{record['method']}: accuracy along the sequence",
+        "accuracy (%)",
+    )
     if "general" in record:
-        paths.append(_plot_general(record, Path(run_dir) / "general_ability.png"))
+        general = record["general"]
+        scores = np.asarray(general["scores"], dtype=np.float64)
+        paths.append(Path(run_dir) / "general_ability.png")
+        _line_plot(
+            paths[-1],
+            general["after"],
+            [(name, scores[:, k]) for k, name in enumerate(general["sets"])],
+            f"{record['method']}: general ability along the sequence",
+            "score (%)",
+        )
     return paths
 
 
-def _plot_general(record: dict[str, Any], path: Path) -> Path:
-    """Each general-ability set's score from the base model along the sequence."""
+def _line_plot(
+    path: Path,
+    after: Sequence[str],
+    series: Sequence[tuple[str, np.ndarray]],
+    title: str,
+    ylabel: str,
+) -> None:
+    """One line per ``(name, values)``, values after each phase named in ``after``."""
     import matplotlib.pyplot as plt
 
-    general = record["general"]
-    scores = np.asarray(general["scores"], dtype=np.float64)
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k, name in enumerate(general["sets"]):
-        ax.plot(range(len(scores)), scores[:, k], marker="o", label=name)
-    ax.set_xticks(range(len(scores)), general["after"], rotation=45, ha="right")
+    for name, values in series:
+        ax.plot(range(len(after)), values, marker="o", label=name)
+    ax.set_xticks(range(len(after)), after, rotation=45, ha="right")
     ax.set_xlabel("after training on")
-    ax.set_ylabel("score (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_title(f"{record['method']}: general ability along the sequence")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    return path
 
 
 def final_accuracies(
