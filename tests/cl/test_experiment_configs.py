@@ -13,7 +13,7 @@ from cljax.errors import DataError
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py"))
 VARIANTS = {  # configs taking an argument: every variant
     "cpu_testbed": ("llama", "t5"),
-    "cpu_pretrained": ("llama", "llama-long", "t5", "t5-long"),
+    "cpu_pretrained": ("llama", "llama-long", "llama-general", "t5", "t5-long", "t5-general"),
     "pretrain_small": ("llama", "t5"),
 }
 CASES = [f"{p}:{v}" for p in CONFIGS for v in VARIANTS.get(p.stem, ())]
