@@ -3,7 +3,7 @@ build the model for a tokenizer, its batch format, its loss, per-row answer
 log-likelihoods (rank classification), greedy generation, and the parameter targets of
 the methods (OSF matrices, LoRA modules, GORP full weights) as path regexes.
 
-Paths are ``/``-joined state paths (``cljax.optim.subspace.path_to_str``); LoRA targets
+Paths are ``/``-joined state paths (``cljax.paths``); LoRA targets
 are module paths (``layers/attn/q_proj``); a weight wrapped by LoRA lives under
 ``.../base/kernel``.
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -51,6 +50,7 @@ from cljax.optim.subspace import (
     ranks_from_importance,
     schedule_rank,
 )
+from cljax.paths import param_filter
 
 Filter = Any
 PyTree = Any
@@ -362,11 +362,7 @@ class OSF(Method):
         if self.opts.untargeted == "train":
             return nnx.Param
         # Frozen untargeted parameters get no gradient at all (not a zeroed one).
-        patterns = self.targets
-        return lambda path, value: (
-            isinstance(value, nnx.Param)
-            and any(re.search(p, "/".join(map(str, path))) for p in patterns)
-        )
+        return param_filter(self.targets, nnx.Param)
 
     def optimizer(self, t, params, learning_rate):
         if self.bases is None:  # task 1: k = 0, plain AdamW
@@ -591,13 +587,7 @@ class GORP(_LoRAMethod):
             resolve_targets(params, self.full_targets, what="GORP full target")
 
     def trainable(self):
-        patterns = self.full_targets
-
-        def is_full(path, value):
-            name = "/".join(str(p) for p in path)
-            return isinstance(value, nnx.Param) and any(re.search(p, name) for p in patterns)
-
-        return lora.trainable_filter(is_full)
+        return lora.trainable_filter(param_filter(self.full_targets, nnx.Param))
 
     def optimizer(self, t, params, learning_rate):
         return gorp_lib.gorp(

@@ -5,7 +5,7 @@ One generic mechanism serves every model family. A family (registered with
 
 * ``TensorRule(hf_name, path, transform, num_layers)`` maps one Hugging Face tensor
   name (``"model.layers.{layer}.self_attn.q_proj.weight"``) to one cljax state path
-  (``"layers.attn.q_proj.kernel"``, the dotted key of ``nnx.state(model)``), through a
+  (``"layers/attn/q_proj/kernel"``, its ``cljax.paths`` name in ``nnx.state(model)``), through a
   named, invertible ``transform`` (``"identity"``, ``"transpose"``). With
   ``num_layers=L`` the name has a ``{layer}`` placeholder and the L per-layer tensors
   are stacked along the leading ``layers`` axis of the cljax parameter.
@@ -40,6 +40,7 @@ from safetensors.numpy import save_file
 
 from cljax import parallel
 from cljax.errors import CheckpointError
+from cljax.paths import path_to_str
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -73,7 +74,7 @@ class TensorRule:
     """One HF tensor (or one per layer) <-> one cljax parameter.
 
     hf_name: HF tensor name; contains ``{layer}`` iff ``num_layers`` is set.
-    path: dotted cljax state path, e.g. ``"layers.attn.q_proj.kernel"``.
+    path: cljax state path (``cljax.paths``), e.g. ``"layers/attn/q_proj/kernel"``.
     transform: a key of ``TRANSFORMS``, applied per layer.
     num_layers: L for a parameter stacked over layers: HF tensors for layers 0..L-1
         become the slices ``param[0] .. param[L-1]``.
@@ -235,9 +236,10 @@ class _TensorReader:
 
 
 def _flat_params(model_or_state: Any) -> dict[str, nnx.Variable]:
-    """Dotted state path -> variable, for every nnx.Param of a model (or abstract model)."""
+    """State path (``cljax.paths``) -> variable, for every nnx.Param of a model (or
+    abstract model)."""
     state = nnx.state(model_or_state, nnx.Param)
-    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+    return {path_to_str(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def _expected_hf_shape(rule: TensorRule, cljax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -294,7 +296,7 @@ def load_state_from_tensors(
         flat_sh = nnx.to_flat_state(
             parallel.state_shardings(nnx.state(abstract_model, nnx.Param), mesh, sharding_rules)
         )
-        shardings = {".".join(str(k) for k in path): v.get_value() for path, v in flat_sh}
+        shardings = {path_to_str(path): v.get_value() for path, v in flat_sh}
     _check_rules_cover(rules, params, model_type)
     used: set[str] = set()
     values: dict[str, jnp.ndarray] = {}
@@ -339,7 +341,7 @@ def load_state_from_tensors(
     flat = nnx.to_flat_state(state)
     filled = []
     for path, var in flat:
-        key = ".".join(str(k) for k in path)
+        key = path_to_str(path)
         if key in values:
             var = var.replace(values[key])
         filled.append((path, var))
@@ -457,7 +459,7 @@ def _split_shards(
 
 def _llama_name_map(cfg: Any) -> list[TensorRule]:
     n = cfg.num_hidden_layers
-    rules = [TensorRule("model.embed_tokens.weight", "embed.embedding")]
+    rules = [TensorRule("model.embed_tokens.weight", "embed/embedding")]
     for group, hf_group, names in (
         ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
         ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
@@ -465,7 +467,7 @@ def _llama_name_map(cfg: Any) -> list[TensorRule]:
         rules += [
             TensorRule(
                 f"model.layers.{LAYER}.{hf_group}.{name}.weight",
-                f"layers.{group}.{name}.kernel",
+                f"layers/{group}/{name}/kernel",
                 "transpose",
                 n,
             )
@@ -473,17 +475,17 @@ def _llama_name_map(cfg: Any) -> list[TensorRule]:
         ]
     rules += [
         TensorRule(
-            f"model.layers.{LAYER}.input_layernorm.weight", "layers.input_norm.scale", num_layers=n
+            f"model.layers.{LAYER}.input_layernorm.weight", "layers/input_norm/scale", num_layers=n
         ),
         TensorRule(
             f"model.layers.{LAYER}.post_attention_layernorm.weight",
-            "layers.post_attn_norm.scale",
+            "layers/post_attn_norm/scale",
             num_layers=n,
         ),
-        TensorRule("model.norm.weight", "final_norm.scale"),
+        TensorRule("model.norm.weight", "final_norm/scale"),
     ]
     if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
+        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
     return rules
 
 
@@ -517,14 +519,14 @@ _T5_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"
 
 
 def _t5_name_map(cfg: Any) -> list[TensorRule]:
-    rules = [TensorRule("shared.weight", "shared.embedding")]
+    rules = [TensorRule("shared.weight", "shared/embedding")]
     for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
         block = f"{stack}.block.{LAYER}.layer"
         # One relative-position table per stack, stored in block 0 and shared by all blocks.
         rules.append(
             TensorRule(
                 f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                f"{stack}.relative_bias",
+                f"{stack}/relative_bias",
             )
         )
         # HF sub-layer index -> (HF attention module, cljax attention module)
@@ -535,7 +537,7 @@ def _t5_name_map(cfg: Any) -> list[TensorRule]:
             rules += [
                 TensorRule(
                     f"{block}.{index}.{hf_attn}.{p}.weight",
-                    f"{stack}.layers.{attn}.{p}_proj.kernel",
+                    f"{stack}/layers/{attn}/{p}_proj/kernel",
                     "transpose",
                     n,
                 )
@@ -544,7 +546,7 @@ def _t5_name_map(cfg: Any) -> list[TensorRule]:
             rules.append(
                 TensorRule(
                     f"{block}.{index}.layer_norm.weight",
-                    f"{stack}.layers.{attn}_norm.scale",
+                    f"{stack}/layers/{attn}_norm/scale",
                     num_layers=n,
                 )
             )
@@ -553,7 +555,7 @@ def _t5_name_map(cfg: Any) -> list[TensorRule]:
         rules += [
             TensorRule(
                 f"{block}.{ff}.DenseReluDense.{name}.weight",
-                f"{stack}.layers.mlp.{name}.kernel",
+                f"{stack}/layers/mlp/{name}/kernel",
                 "transpose",
                 n,
             )
@@ -561,12 +563,12 @@ def _t5_name_map(cfg: Any) -> list[TensorRule]:
         ]
         rules.append(
             TensorRule(
-                f"{block}.{ff}.layer_norm.weight", f"{stack}.layers.mlp_norm.scale", num_layers=n
+                f"{block}.{ff}.layer_norm.weight", f"{stack}/layers/mlp_norm/scale", num_layers=n
             )
         )
-        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}.final_norm.scale"))
+        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}/final_norm/scale"))
     if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
+        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
     return rules
 
 

@@ -5,8 +5,8 @@
 * Rotary embeddings in the rotate-half layout that HF checkpoints are stored in, so
   q/k kernels load without a permutation; rope scaling types ``default``, ``linear``
   and ``llama3``.
-* Blocks are stacked along a leading ``layers`` axis and run with one ``lax.scan``
-  (``layers.scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
+* Blocks are stacked along a leading ``layers`` axis and run with one ``lax/scan``
+  (``layers/scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
   batched call on a ``(L, d_in, d_out)`` kernel. ``scan_unroll`` sets how many layers
   one loop iteration runs (the layer count: no loop, faster for shallow models).
 * Logical axis names on every parameter: ``embed``, ``heads`` (q heads x head_dim),
@@ -14,10 +14,10 @@
 * dtype policy: params / matmuls in ``policy`` dtypes; norms, rotary and softmax in
   float32; logits returned in float32.
 
-Parameter paths (``nnx.state(model)``): ``embed.embedding`` (V, D);
-``layers.attn.{q,k,v,o}_proj.kernel`` and ``layers.mlp.{gate,up,down}_proj.kernel``
-(L, d_in, d_out); ``layers.input_norm.scale``, ``layers.post_attn_norm.scale`` (L, D);
-``final_norm.scale`` (D,); ``lm_head.kernel`` (D, V) when untied.
+Parameter paths (``nnx.state(model)``): ``embed/embedding`` (V, D);
+``layers/attn/{q,k,v,o}_proj/kernel`` and ``layers/mlp/{gate,up,down}_proj/kernel``
+(L, d_in, d_out); ``layers/input_norm/scale``, ``layers/post_attn_norm/scale`` (L, D);
+``final_norm/scale`` (D,); ``lm_head/kernel`` (D, V) when untied.
 """
 
 from __future__ import annotations

@@ -35,7 +35,6 @@ the ``deterministic`` flag.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cljax.models.layers import Linear, flat_matmul, logical_axes
+from cljax.paths import match_paths, path_to_str
 
 
 class LoRAParam(nnx.Param):
@@ -145,10 +145,6 @@ def _key_data(key: jax.Array, stack: tuple[int, ...]) -> jax.Array:
 # ----------------------------------------------------------------------------------
 
 
-def _module_path(path: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _linears(model: nnx.Module) -> list[tuple[tuple[Any, ...], Linear]]:
     """Every :class:`Linear` not already wrapped, with its graph path."""
     found = []
@@ -161,7 +157,7 @@ def _linears(model: nnx.Module) -> list[tuple[tuple[Any, ...], Linear]]:
 def lora_modules(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
     """``[(module path, LoRALinear), ...]`` of a model after :func:`apply_lora`."""
     return [
-        (_module_path(path), node)
+        (path_to_str(path), node)
         for path, node in nnx.iter_graph(model)
         if isinstance(node, LoRALinear)
     ]
@@ -187,7 +183,7 @@ def apply_lora(
     dropout: float = 0.0,
 ) -> list[str]:
     """Wrap every :class:`Linear` whose module path (``layers/attn/q_proj``) matches a
-    target regex (``re.search``) in a :class:`LoRALinear`, in place.
+    target regex (``cljax.paths.match_paths``) in a :class:`LoRALinear`, in place.
 
     Published settings (O-LoRA / GORP): ``targets=(r"attn/q_proj$", r"attn/v_proj$")``,
     rank 8, alpha 32, dropout 0.1. Returns the wrapped paths.
@@ -196,24 +192,16 @@ def apply_lora(
     Linear paths), or when the rank is outside ``[1, min(d_in, d_out)]`` (naming the
     module path).
     """
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    if not patterns:
-        raise ValueError("apply_lora needs at least one target pattern")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     linears = _linears(model)
-    names = [_module_path(p) for p, _ in linears]
-    chosen: dict[str, tuple[tuple[Any, ...], Linear]] = {}
-    for pattern in patterns:
-        hits = [i for i, name in enumerate(names) if re.search(pattern, name)]
-        if not hits:
-            wrapped = [p for p, _ in lora_modules(model)]
-            raise ValueError(
-                f"LoRA target pattern {pattern!r} matches no Linear module; Linear paths: "
-                f"{names}" + (f"; already wrapped: {wrapped}" if wrapped else "")
-            )
-        for i in hits:
-            chosen[names[i]] = linears[i]
+    names = [path_to_str(p) for p, _ in linears]
+    try:
+        hits = match_paths(names, targets, what="LoRA target", kind="Linear module")
+    except ValueError as err:
+        wrapped = [p for p, _ in lora_modules(model)]
+        raise ValueError(f"{err}" + (f"; already wrapped: {wrapped}" if wrapped else "")) from None
+    chosen = {name: linear for name, linear, hit in zip(names, linears, hits, strict=True) if hit}
     for name, (path, linear) in chosen.items():
         d_in, d_out = linear.kernel.shape[-2:]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(d_in, d_out):
@@ -254,7 +242,7 @@ def merge_lora(model: nnx.Module) -> list[str]:
                 kernel.dtype
             )
             _replace(model, tuple(path), node.base)
-            merged.append(_module_path(path))
+            merged.append(path_to_str(path))
     return merged
 
 

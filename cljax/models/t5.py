@@ -1,5 +1,5 @@
 """T5 encoder-decoder (v1.0, v1.1 and Flan-T5) in Flax NNX, layers stacked over a
-leading ``layers`` axis like LLaMA's, so each stack runs as one ``lax.scan``.
+leading ``layers`` axis like LLaMA's, so each stack runs as one ``lax/scan``.
 
 T5 specifics, all as Hugging Face ``T5ForConditionalGeneration`` computes them:
 - RMS norm without mean subtraction (eps 1e-6, float32), applied before each sub-layer;
@@ -15,14 +15,14 @@ T5 specifics, all as Hugging Face ``T5ForConditionalGeneration`` computes them:
 
 State paths (what LoRA, optimizers and the converter address)::
 
-    shared.embedding                                  (vocab, embed)
-    {encoder,decoder}.relative_bias                   (buckets, heads)
-    {encoder,decoder}.layers.self_attn.{q,k,v,o}_proj.kernel   (L, d_in, d_out)
-    decoder.layers.cross_attn.{q,k,v,o}_proj.kernel            (L, d_in, d_out)
-    {encoder,decoder}.layers.mlp.{wi,wo | wi_0,wi_1,wo}.kernel (L, d_in, d_out)
-    {encoder,decoder}.layers.{self_attn,cross_attn,mlp}_norm.scale  (L, embed)
-    {encoder,decoder}.final_norm.scale                (embed,)
-    lm_head.kernel                                    (embed, vocab), untied models only
+    shared/embedding                                  (vocab, embed)
+    {encoder,decoder}/relative_bias                   (buckets, heads)
+    {encoder,decoder}/layers/self_attn/{q,k,v,o}_proj/kernel   (L, d_in, d_out)
+    decoder/layers/cross_attn/{q,k,v,o}_proj/kernel            (L, d_in, d_out)
+    {encoder,decoder}/layers/mlp/{wi,wo | wi_0,wi_1,wo}/kernel (L, d_in, d_out)
+    {encoder,decoder}/layers/{self_attn,cross_attn,mlp}_norm/scale  (L, embed)
+    {encoder,decoder}/final_norm/scale                (embed,)
+    lm_head/kernel                                    (embed, vocab), untied models only
 
 Dropout (``dropout_rate``) is applied where HF applies it in train mode (embeddings,
 attention weights, every sub-layer output, the feed-forward hidden layer, the final

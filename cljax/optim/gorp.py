@@ -60,7 +60,7 @@ from cljax.optim.galore import (
     unzip_tree,
     validate_common,
 )
-from cljax.optim.subspace import path_to_str
+from cljax.paths import path_to_str
 
 LoraBasisSide = Literal["input", "rank"]
 Role = Literal["full", "lora_a", "plain"]

@@ -42,38 +42,6 @@ Layout = Literal["flax", "torch"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def path_to_str(path: Sequence[Any]) -> str:
-    """A '/'-joined name for a pytree key path, e.g. ``layers/attn/q_proj/kernel``.
-
-    The trailing ``.value`` attribute of an ``nnx.Variable`` is dropped, so a plain
-    dict of arrays and an ``nnx.State`` of the same model give the same names.
-    """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    if len(path) > 1 and parts[-1] in ("value", "raw_value"):
-        parts.pop()
-    return "/".join(parts)
-
-
-def named_leaves(tree: Any) -> dict[str, Any]:
-    """``{path string: leaf}`` for every array leaf of ``tree`` (see :func:`path_to_str`)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_to_str(path): leaf for path, leaf in flat}
-
-
 # --------------------------------------------------------------------------- SVD
 
 

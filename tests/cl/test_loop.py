@@ -22,7 +22,7 @@ from cljax.config import Config, apply_overrides
 from cljax.errors import ConfigChangedError, ConfigError, NonFiniteLossError, RunLockedError
 from cljax.models.layers import record_layers
 from cljax.optim.osf import osf_bases
-from cljax.optim.subspace import named_leaves
+from cljax.paths import named_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 
