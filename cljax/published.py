@@ -17,35 +17,20 @@ from typing import Any
 from cljax.config import Config
 from cljax.errors import ConfigError
 
-METHODS = (
-    "seqft",
-    "osf",
-    "gorp",
-    "seqlora",
-    "inclora",
-    "olora",
-    "ewc",
-    "l2",
-    "replay",
-    "mtl",
-    "pertaskft",
-)
-
 
 def method_settings(
     full: dict[str, Any], lora: dict[str, Any], osf_schedule_step: float, gorp: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """The per-method settings: full fine-tuning methods share ``full``, the LoRA family
-    ``lora``; OSF uses the authors' executed rank schedule
+    """The per-method settings of every registered method: full fine-tuning methods get
+    ``full``, LoRA-based ones ``lora``; OSF adds the authors' executed rank schedule
     ``k = floor(max(m, n) * osf_schedule_step * (t - 1))``; GORP adds ``gorp``."""
-    settings = {name: dict(full) for name in ("seqft", "ewc", "l2", "replay", "mtl", "pertaskft")}
-    settings["osf"] = {
-        **full,
-        "method.options.rank_rule": "schedule",
-        "method.options.schedule_step": osf_schedule_step,
-    }
-    settings.update({name: dict(lora) for name in ("seqlora", "inclora", "olora")})
-    settings["gorp"] = {**lora, **gorp}
+    from cljax.cl.methods import METHODS  # JAX-heavy: only when a config is built
+
+    settings = {name: dict(lora if cls.uses_lora else full) for name, cls in METHODS.items()}
+    settings["osf"].update(
+        {"method.options.rank_rule": "schedule", "method.options.schedule_step": osf_schedule_step}
+    )
+    settings["gorp"].update(gorp)
     return settings
 
 

@@ -924,12 +924,17 @@ class ContinualRun:
         self.method.arrays = jax.device_put(self.method.arrays, shardings)
 
     def _calibration(self, phase: int) -> list[Batch]:
-        """A few training batches of the previous task (OSF's importance rule)."""
-        if phase == 0 or self.method.joint:
+        """The training batches the method's ``needs()`` asks for at the start of a phase:
+        of the previous task (none before the first) or of the current one."""
+        needs = self.method.needs()
+        task = phase - 1 if needs.calibration_task == "previous" else phase
+        if needs.calibration == 0 or task < 0 or self.method.joint:
             return []
-        n = int(getattr(self.method.opts, "calibration_batches", 8))
         return self._first_batches(
-            self.data.train[phase - 1], self.batch_config, self.cfg.data.seed + 11 * phase, n
+            self.data.train[task],
+            self.batch_config,
+            self.cfg.data.seed + 11 * phase,
+            needs.calibration,
         )
 
     def _first_batches(
@@ -940,9 +945,11 @@ class ContinualRun:
         return [b for _, b in zip(range(n), batches, strict=False)]
 
     def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
-        """Diagonal Fisher of the parameters on ``fisher_batches`` batches of the task,
+        """Diagonal Fisher of the parameters on the ``needs().fisher`` batches of the task,
         all padded to one shape so that the squared gradients are taken in one scan."""
-        n = int(getattr(self.method.opts, "fisher_batches", 8))
+        n = self.method.needs().fisher
+        if n == 0:
+            raise ValueError(f"method {self.method.name!r} asked for a Fisher without batches")
         lengths = batching.sequence_lengths(
             split, self.data.tokenizer, self.family.format, train=True
         )

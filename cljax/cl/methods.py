@@ -8,13 +8,17 @@ loop calls, in this order:
   the restored arrays find the same structure.
 - ``begin_task(t, model, calibration)``: per-task computations from the current weights
   (OSF's SVD bases, the anchors of EWC / L2) kept in ``self.arrays`` or in the
-  optimizer; ``calibration()`` yields a few training batches of the previous task.
+  optimizer; ``calibration()`` yields the training batches that ``needs()`` asks for.
 - ``optimizer(t, model, learning_rate)``: the optax transform and the NNX filter of the
   trained variables. Clipping and gradient accumulation are the loop's.
 - ``penalty(model, arrays)``: an extra loss term (O-LoRA, EWC, L2), pure, inside jit.
-- ``end_task(t, model, opt_state, fisher_batches)``: e.g. GORP grows its shared space,
-  EWC accumulates its Fisher; returns the optimizer state carried to the next task
-  (only for methods with ``carries_optimizer_state``).
+- ``end_task(t, model, opt_state, fisher)``: e.g. GORP grows its shared space, EWC
+  accumulates its Fisher (``fisher()``, on the batches ``needs()`` asks for); returns
+  the optimizer state carried to the next task (only for methods with
+  ``carries_optimizer_state``).
+
+What a method needs from the loop beyond the weights it declares in ``needs()``
+(:class:`Needs`): the loop never reads a method's option names.
 - ``train_split(t, splits)``: the training stream of task t (Replay mixes its buffer in).
 
 Hyperparameter defaults follow docs/methods.md and protocol.md (T5-large runs); every
@@ -55,6 +59,29 @@ from cljax.paths import param_filter
 Filter = Any
 PyTree = Any
 Calibration = Callable[[], Iterable[Batch]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a method asks the loop for at task boundaries.
+
+    Attributes:
+      calibration: training batches handed to ``begin_task`` (0: none).
+      calibration_task: whose batches: the ``"previous"`` task's (OSF's layer importance)
+        or the ``"current"`` one's (an input subspace of the task about to be trained).
+      fisher: training batches of the task just trained on which ``end_task``'s
+        ``fisher()`` estimates the diagonal Fisher (0: none).
+    """
+
+    calibration: int = 0
+    calibration_task: str = "previous"
+    fisher: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calibration_task not in ("previous", "current"):
+            raise ValueError(
+                f"Needs.calibration_task={self.calibration_task!r}: previous or current"
+            )
 
 
 def layer_importance(
@@ -123,6 +150,8 @@ class Method:
     keeps_task_models: ClassVar[bool] = False
     #: the optimizer state survives task boundaries (GORP's shared space lives in it).
     carries_optimizer_state: ClassVar[bool] = False
+    #: trains LoRA adapters (published settings give these the LoRA learning rate)
+    uses_lora: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any], family: Family, *, weight_decay: float, seed: int):
         self.opts = build_options(self.Options, options, "method.options", f"method {self.name!r}")
@@ -147,9 +176,14 @@ class Method:
         """Take back what ``record`` saved, before the interrupted task's ``begin_task``."""
 
     # -- per task ----------------------------------------------------------------
+    def needs(self) -> Needs:
+        """What this method asks the loop for (:class:`Needs`): nothing by default."""
+        return Needs()
+
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         """Per-task computations from the weights at the start of task t;
-        ``calibration()`` yields a few training batches of task t - 1 (t > 0)."""
+        ``calibration()`` yields the batches of ``needs().calibration`` (none for the
+        previous task when t = 0)."""
 
     def trainable(self) -> Filter:
         return nnx.Param
@@ -310,6 +344,11 @@ class OSF(Method):
         with _option_error("targets", self.name):
             select_targets(nnx.state(model, nnx.Param), self.targets)
 
+    def needs(self) -> Needs:
+        # the importance rule measures the layers on the previous task's batches
+        importance = self.opts.rank_rule == "importance"
+        return Needs(calibration=self.opts.calibration_batches if importance else 0)
+
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         self.bases = None
         if t > 0:
@@ -435,6 +474,9 @@ class EWC(_Anchored):
     paper = "elastic weight consolidation: Kirkpatrick et al., PNAS 2017"
     Options = EWCOptions
 
+    def needs(self) -> Needs:
+        return Needs(fisher=self.opts.fisher_batches)
+
     def setup(self, model, rngs):
         self.arrays["fisher"] = jax.tree.map(jnp.zeros_like, _param_arrays(model))
 
@@ -503,6 +545,7 @@ class GORPOptions(LoRAOptions):
 
 class _LoRAMethod(Method):
     Options: ClassVar[type] = LoRAOptions
+    uses_lora = True
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):

@@ -564,3 +564,34 @@ def test_method_options_are_typed_and_checked_at_start_up(tmp_path, method, opti
     with pytest.raises(ValueError, match=f"method.options.{message}"):
         loop.ContinualRun(cfg, log=_quiet)
     assert not (tmp_path / cfg.run.name).exists()  # before any work
+
+
+def test_the_loop_serves_what_a_method_declares_it_needs(tmp_path, monkeypatch):
+    """Calibration batches of the previous or the current task, and Fisher batches,
+    come from ``Method.needs()``: the loop reads no option name."""
+    from cljax.cl.methods import Needs, SeqFT
+
+    seen = []
+
+    def needs(self):
+        return Needs(calibration=2, calibration_task="current", fisher=3)
+
+    def begin_task(self, t, model, calibration):
+        seen.append(("calibration", t, len(list(calibration()))))
+
+    def end_task(self, t, model, opt_state, fisher):
+        leaves = jax.tree.leaves(fisher())
+        seen.append(("fisher", t, all(bool(jnp.all(x >= 0)) for x in leaves)))
+        return opt_state
+
+    monkeypatch.setattr(SeqFT, "needs", needs)
+    monkeypatch.setattr(SeqFT, "begin_task", begin_task)
+    monkeypatch.setattr(SeqFT, "end_task", end_task)
+    loop.run_experiment(tiny_config(tmp_path, "llama", "seqft"), log=_quiet)
+    # the current task's batches from the first task on; the Fisher after each task
+    assert seen == [
+        ("calibration", 0, 2),
+        ("fisher", 0, True),
+        ("calibration", 1, 2),
+        ("fisher", 1, True),
+    ]
