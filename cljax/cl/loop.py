@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -410,6 +410,45 @@ class Position:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+class _PhaseMeter:
+    """A phase's logging: the step log (JSONL, TensorBoard, the finiteness check), the
+    progress display, tokens per second and the learning rate of each step."""
+
+    def __init__(self, run: ContinualRun, ckpt: RunCheckpointer, pos: Position, total: int):
+        self.run, self.ckpt, self.pos = run, ckpt, pos
+        self.name = run._phase_name(pos.phase)
+        self.steplog = StepLog(run.run_dir, run.main_process, run._purge_step)
+        run._purge_step = None
+        self.progress = Progress(total, pos.step, self.name, run.cfg.run.progress, run.log)
+        self.schedule = learning_rate_schedule(run.cfg, total)
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def step(self, stats: Any) -> None:
+        """Log one optimizer step (``pos`` already counts it); stops the run with the
+        task and step named when the loss is not finite."""
+        pos, seconds = self.pos, time.perf_counter() - self.started
+        loss = self.steplog.step(
+            stats,
+            where=f"task {self.name!r} (phase {pos.phase})",
+            checkpoints=self.ckpt.directory,
+            last_checkpoint=self.ckpt.latest_step(),
+            step=pos.step,
+            global_step=pos.global_step,
+            learning_rate=float(self.schedule(pos.step - 1)),
+            tokens_per_s=self.tokens / max(seconds, 1e-9),
+            seconds=seconds,
+            loss_tag=f"loss/{self.name}",
+            phase=pos.phase,
+            task=self.name,
+        )
+        self.progress.update(loss)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.steplog.close()
 
 
 class ContinualRun:
@@ -831,8 +870,51 @@ class ContinualRun:
     ) -> PyTree:
         """Train one phase from ``pos.step`` on; returns the optimizer state that
         ``end_task`` hands to the next phase."""
-        cfg, method, phase = self.cfg, self.method, pos.phase
-        name = self._phase_name(phase)
+        method, phase, accum = self.method, pos.phase, self.cfg.train.grad_accum_steps
+        split, total, step_fn, params, rest, opt_state = self._begin_phase(
+            ckpt, pos, carried, resume_step
+        )
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), phase)
+        meter = _PhaseMeter(self, ckpt, pos, total)
+        try:
+            for micro, batch in self._micro_batches(split, phase, pos.step * accum, total * accum):
+                params, opt_state, stats = step_fn(
+                    params,
+                    opt_state,
+                    rest,
+                    device_batch(batch, self.mesh, self.rules, per_process=True),
+                    jax.random.fold_in(key, micro),
+                    method.arrays,
+                )
+                meter.tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
+                if (micro + 1) % accum:
+                    continue  # accumulating: no optimizer step yet
+                pos.step += 1
+                pos.global_step += 1
+                meter.step(stats)
+                every = self.cfg.run.checkpoint_every_steps
+                if every and pos.step % every == 0 and pos.step < total:
+                    nnx.update(self.model, params, rest)
+                    # the log holds every step up to the checkpoint, and no more on
+                    # resume (``drop_log_after``)
+                    meter.steplog.checkpointed()
+                    ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
+        finally:
+            meter.close()
+        nnx.update(self.model, params, rest)
+        return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+
+    def _begin_phase(
+        self,
+        ckpt: RunCheckpointer,
+        pos: Position,
+        carried: PyTree | None,
+        resume_step: int | None,
+    ) -> tuple[EncodedSplit, int, Callable, PyTree, PyTree, PyTree]:
+        """The method's per-task work, then the phase's training split, its optimizer
+        steps, the compiled step, the trained and other state, and the optimizer state
+        (carried from the previous phase, fresh, or restored mid-phase)."""
+        method, phase = self.method, pos.phase
         # New structure (a LoRA pair of this task) is placed on the mesh like the rest.
         parallel.shard_module(self.model, self.mesh, self.rules)
         method.begin_task(phase, self.model, lambda: self._calibration(phase))
@@ -849,73 +931,31 @@ class ContinualRun:
         if resume_step is not None:
             opt_state = self._restore(ckpt, resume_step, opt_state)
             self._place_method_arrays()
-        graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
+        _, params, rest = nnx.split(self.model, method.trainable(), ...)
+        return split, total, step_fn, params, rest, opt_state
 
-        accum = cfg.train.grad_accum_steps
+    def _micro_batches(
+        self, split: EncodedSplit, phase: int, start: int, stop: int
+    ) -> Iterator[tuple[int, Batch]]:
+        """``(index, batch)`` for micro-batches ``start`` to ``stop - 1`` of the phase,
+        through as many epochs as it takes (deterministic, so a resumed run continues
+        the same stream)."""
         per_epoch = batching.num_batches(len(split), self.batch_config)
-        micro, total_micro = pos.step * accum, total * accum
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
-        steplog = StepLog(self.run_dir, self.main_process, self._purge_step)
-        self._purge_step = None
-        progress = Progress(total, pos.step, name, cfg.run.progress, self.log)
-        schedule = learning_rate_schedule(cfg, total)
-        tokens = 0
-        started = time.perf_counter()
-        try:
-            while micro < total_micro:
-                epoch, offset = divmod(micro, per_epoch)
-                for batch in batching.train_batches(
-                    split,
-                    self.data.tokenizer,
-                    self.train_batch_config,
-                    epoch=epoch,
-                    seed=cfg.data.seed + 1000 * phase,
-                    start_step=offset,
-                ):
-                    if micro >= total_micro:
-                        break
-                    params, opt_state, stats = step_fn(
-                        params,
-                        opt_state,
-                        rest,
-                        device_batch(batch, self.mesh, self.rules, per_process=True),
-                        jax.random.fold_in(key, micro),
-                        method.arrays,
-                    )
-                    tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
-                    micro += 1
-                    if micro % accum:
-                        continue
-                    pos.step += 1
-                    pos.global_step += 1
-                    seconds = time.perf_counter() - started
-                    loss = steplog.step(
-                        stats,
-                        where=f"task {name!r} (phase {phase})",
-                        checkpoints=ckpt.directory,
-                        last_checkpoint=ckpt.latest_step(),
-                        step=pos.step,
-                        global_step=pos.global_step,
-                        learning_rate=float(schedule(pos.step - 1)),
-                        tokens_per_s=tokens / max(seconds, 1e-9),
-                        seconds=seconds,
-                        loss_tag=f"loss/{name}",
-                        phase=phase,
-                        task=name,
-                    )
-                    progress.update(loss)
-                    every = cfg.run.checkpoint_every_steps
-                    if every and pos.step % every == 0 and pos.step < total:
-                        nnx.update(self.model, params, rest)
-                        # the log holds every step up to the checkpoint, and no more on
-                        # resume (``drop_log_after``)
-                        steplog.checkpointed()
-                        ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
-        finally:
-            progress.close()
-            steplog.close()
-        nnx.update(self.model, params, rest)
-        return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+        micro = start
+        while micro < stop:
+            epoch, offset = divmod(micro, per_epoch)
+            for batch in batching.train_batches(
+                split,
+                self.data.tokenizer,
+                self.train_batch_config,
+                epoch=epoch,
+                seed=self.cfg.data.seed + 1000 * phase,
+                start_step=offset,
+            ):
+                if micro >= stop:
+                    return
+                yield micro, batch
+                micro += 1
 
     def _place_method_arrays(self) -> None:
         """The method's arrays (anchors, Fisher) split like the parameters they belong to."""
