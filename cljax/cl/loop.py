@@ -262,7 +262,7 @@ def make_train_step(
         if lora.lora_modules(model):
             lora.reseed_dropout(model, key)
         loss = family.loss(model, batch)
-        extra = method.penalty(model, arrays)
+        extra = method.penalty(model, arrays, batch)
         return (loss if extra is None else loss + extra), loss
 
     def step(params, opt_state, rest, batch, key, arrays):

@@ -11,7 +11,8 @@ loop calls, in this order:
   optimizer; ``calibration()`` yields the training batches that ``needs()`` asks for.
 - ``optimizer(t, model, learning_rate)``: the optax transform and the NNX filter of the
   trained variables. Clipping and gradient accumulation are the loop's.
-- ``penalty(model, arrays)``: an extra loss term (O-LoRA, EWC, L2), pure, inside jit.
+- ``penalty(model, arrays, batch)``: an extra loss term (O-LoRA, EWC, L2, LwF), pure,
+  inside jit.
 - ``end_task(t, model, opt_state, fisher)``: e.g. GORP grows its shared space, EWC
   accumulates its Fisher (``fisher()``, on the batches ``needs()`` asks for); returns
   the optimizer state carried to the next task (only for methods with
@@ -200,8 +201,10 @@ class Method:
         reuse (the transform holds per-task data)."""
         return self.name
 
-    def penalty(self, model: nnx.Module, arrays: dict[str, PyTree]) -> jax.Array | None:
-        """Extra loss term (None: the method has none)."""
+    def penalty(
+        self, model: nnx.Module, arrays: dict[str, PyTree], batch: Batch
+    ) -> jax.Array | None:
+        """Extra loss term on this batch (None: the method has none)."""
         return None
 
     def end_task(
@@ -430,9 +433,11 @@ class EWCOptions:
 
 
 class _Anchored(Method):
-    """Full fine-tuning with a quadratic pull towards the previous task's weights."""
+    """Full fine-tuning with a pull towards the previous task's weights (``anchor``)."""
 
     Options = L2Options
+    #: keep ``arrays["active"]``: 0 on the first task (no previous weights), 1 after
+    gated: ClassVar[bool] = False
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         if t > 0:
@@ -440,6 +445,8 @@ class _Anchored(Method):
         elif "anchor" not in self.arrays:
             # Same structure from the start, so a checkpoint restores into it.
             self.arrays["anchor"] = _param_arrays(model)
+        if self.gated:
+            self.arrays["active"] = jnp.asarray(float(t > 0))
 
     def _params(self, model: nnx.Module) -> PyTree:
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -451,18 +458,15 @@ class L2(_Anchored):
 
     name = "l2"
     paper = "L2 pull to the previous task's weights: Wang et al., EMNLP Findings 2023"
+    gated = True
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         active = jnp.asarray(arrays["active"], jnp.float32)
         return (
             active
             * self.opts.strength
             * regularizers.l2_to_anchor(self._params(model), arrays["anchor"])
         )
-
-    def begin_task(self, t, model, calibration):
-        super().begin_task(t, model, calibration)
-        self.arrays["active"] = jnp.asarray(float(t > 0))
 
 
 @register
@@ -480,7 +484,7 @@ class EWC(_Anchored):
     def setup(self, model, rngs):
         self.arrays["fisher"] = jax.tree.map(jnp.zeros_like, _param_arrays(model))
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         return self.opts.strength * regularizers.ewc_penalty(
             self._params(model), arrays["anchor"], arrays["fisher"]
         )
@@ -491,6 +495,43 @@ class EWC(_Anchored):
 
 
 # --------------------------------------------------------------------------- LoRA family
+
+
+@dataclasses.dataclass(frozen=True)
+class LwFOptions:
+    weight: float = field(1.0, "weight of the distillation term", minimum=0.0)
+    temperature: float = field(2.0, "softmax temperature of both distributions", positive=True)
+
+
+@register
+class LwF(_Anchored):
+    """Learning without Forgetting for language models: from task 2 on, the model as it
+    ended the previous task (its weights kept as the anchor, no optimizer state) scores
+    each training batch, and ``weight * T^2 * KL(old || new)`` of the next-token
+    distributions over the prompt and answer positions joins the loss."""
+
+    name = "lwf"
+    paper = "learning without forgetting: Li and Hoiem, ECCV 2016 / TPAMI 2017"
+    Options = LwFOptions
+    gated = True
+
+    def penalty(self, model, arrays, batch):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        teacher_params = jax.tree.map(lambda x: x, params)  # a new State to fill in place
+        nnx.replace_by_pure_dict(teacher_params, arrays["anchor"])
+        teacher = nnx.merge(graphdef, teacher_params, rest)
+        mask = (
+            batch.attention_mask
+            if batch.decoder_attention_mask is None
+            else batch.decoder_attention_mask
+        )
+        kl = regularizers.distillation_kl(
+            self.family.logits(teacher, batch),
+            self.family.logits(model, batch),
+            mask,
+            self.opts.temperature,
+        )
+        return jnp.asarray(arrays["active"], jnp.float32) * self.opts.weight * kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -598,7 +639,7 @@ class OLoRA(_LoRAMethod):
     paper = "O-LoRA, orthogonal LoRA pairs: Wang et al., EMNLP Findings 2023"
     Options = OLoRAOptions
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         pairs = [(m.past_a[...], m.lora_a[...], m.lora_b[...]) for _, m in lora.lora_modules(model)]
         return regularizers.olora_penalty(
             pairs,
