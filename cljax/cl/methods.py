@@ -50,6 +50,7 @@ from cljax.optim import regularizers
 from cljax.optim.galore import MOMENT_MODES, resolve_targets
 from cljax.optim.osf import osf, osf_bases, select_targets
 from cljax.optim.subspace import (
+    grow_basis,
     mean_cosine,
     normalise_importance,
     ranks_from_importance,
@@ -647,6 +648,119 @@ class OLoRA(_LoRAMethod):
             lambda2=self.opts.lambda2,
             squared=self.opts.squared,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLoRAOptions(LoRAOptions):
+    threshold: float = field(
+        0.97,
+        "energy of each task's adapter inputs that the stored input subspace keeps (GPM's rule)",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    calibration_batches: int = field(
+        8, "batches of the current task whose adapter inputs design A_t", positive=True
+    )
+
+
+def _stack_mask(path: str, masks: dict[str, Any], batch: Batch, shape: tuple) -> jax.Array:
+    """The real-token mask (B, T) of an adapter input of ``shape`` (B, T, d): its layer
+    stack's, else the batch's mask of that length (T5's cross-attention keys and values
+    read the encoder's tokens)."""
+    own = [m for stack, m in masks.items() if path.startswith(stack + "/")]
+    others = [batch.attention_mask, batch.decoder_attention_mask]
+    for mask in [*own, *others]:
+        if mask is not None and tuple(mask.shape) == tuple(shape[:-1]):
+            return jnp.asarray(mask, jnp.float32)
+    raise ValueError(f"no token mask of shape {shape[:-1]} for the inputs of {path!r}")
+
+
+@register
+class InfLoRA(_LoRAMethod):
+    """Interference-free LoRA: each task's ``A_t`` is fixed, not trained, to the top
+    directions of that task's adapter inputs outside the subspace of earlier tasks'
+    inputs, so inputs of earlier tasks never reach the new pair; only ``B_t`` trains.
+    After each task its inputs grow the stored subspace by GPM's energy rule."""
+
+    name = "inflora"
+    paper = "InfLoRA, interference-free LoRA: Liang and Li, CVPR 2024"
+    Options = InfLoRAOptions
+
+    def needs(self) -> Needs:
+        return Needs(calibration=self.opts.calibration_batches, calibration_task="current")
+
+    def setup(self, model, rngs):
+        super().setup(model, rngs)
+        # per adapter: the stored input subspace (..., d_in, d_in), zero-padded, and the
+        # number of its columns in use (...,)
+        self.arrays["space"], self.arrays["used"] = {}, {}
+        for path, m in lora.lora_modules(model):
+            *stack, d_in, _ = m.lora_a.shape
+            self.arrays["space"][path] = jnp.zeros((*stack, d_in, d_in), jnp.float32)
+            self.arrays["used"][path] = jnp.zeros(tuple(stack), jnp.int32)
+        self._covariances: dict[str, jax.Array] = {}
+
+    def trainable(self):
+        return param_filter(r"lora_b$", lora.LoRAParam)
+
+    def _input_covariances(self, model: nnx.Module, batches: Iterable[Batch]) -> dict:
+        """``{adapter path: sum of x x^T over the real tokens (calls, d_in, d_in)}``, one
+        entry per call of a forward pass (the layers of a stack)."""
+        sums: dict[str, jax.Array] = {}
+        for batch in batches:
+            with record_layers(), lora.record_inputs() as records:
+                self.family.logits(model, batch)
+            masks = self.family.layer_masks(batch)
+            for path, calls in records.items():
+                per_call = []
+                for x in calls:
+                    weight = _stack_mask(path, masks, batch, x.shape)[..., None]
+                    xf = x.astype(jnp.float32) * weight
+                    per_call.append(jnp.einsum("...td,...te->de", xf, xf))
+                # one call per layer of the stack, in order: (layers, d_in, d_in)
+                sums[path] = sums.get(path, 0) + jnp.stack(per_call)
+        if not sums:
+            raise ValueError("inflora: no calibration batch reached an adapter")
+        return sums
+
+    def begin_task(self, t, model, calibration):
+        was_training = not any(m.deterministic for _, m in lora.lora_modules(model))
+        model.eval()
+        try:
+            self._covariances = self._input_covariances(model, calibration())
+        finally:
+            if was_training:
+                model.train()
+        for path, m in lora.lora_modules(model):
+            cov = self._covariances[path].reshape(m.lora_a.shape[:-2] + (m.lora_a.shape[-2],) * 2)
+            space = self.arrays["space"][path]
+            outside = jnp.eye(cov.shape[-1]) - space @ jnp.swapaxes(space, -1, -2)
+            projected = outside @ cov @ outside
+            _, vectors = jnp.linalg.eigh(projected)  # ascending eigenvalues
+            top = vectors[..., ::-1][..., : m.rank]
+            # exactly outside the stored subspace, whatever eigh did with zero eigenvalues
+            a = outside @ top
+            m.lora_a = lora.LoRAParam(
+                a.astype(m.lora_a.dtype), out_sharding=m._a_axes, eager_sharding=False
+            )
+
+    def end_task(self, t, model, opt_state, fisher):
+        for path, cov in self._covariances.items():
+            space = self.arrays["space"][path]
+            cov = cov.reshape(space.shape)
+            values, vectors = jnp.linalg.eigh(cov)
+            # a (d, d) matrix with cov's left singular vectors and singular values sqrt(eig)
+            moment = vectors * jnp.sqrt(jnp.maximum(values, 0.0))[..., None, :]
+            grow = jax.vmap(grow_basis, in_axes=(0, 0, 0, None))
+            flat = grow(
+                moment.reshape(-1, *moment.shape[-2:]),
+                space.reshape(-1, *space.shape[-2:]),
+                self.arrays["used"][path].reshape(-1),
+                jnp.float32(self.opts.threshold),
+            )
+            self.arrays["space"][path] = flat[0].reshape(space.shape)
+            self.arrays["used"][path] = flat[1].reshape(self.arrays["used"][path].shape)
+        return opt_state
 
 
 @register

@@ -34,8 +34,10 @@ the ``deterministic`` flag.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -56,6 +58,26 @@ class FrozenLoRA(nnx.Variable):
 
 class LoRADropoutKey(nnx.Variable):
     """Per-layer PRNG key data for adapter dropout (reseeded every training step)."""
+
+
+_INPUT_RECORD: contextvars.ContextVar[dict[str, list[jax.Array]] | None] = contextvars.ContextVar(
+    "cljax_lora_inputs", default=None
+)
+
+
+@contextlib.contextmanager
+def record_inputs() -> Iterator[dict[str, list[jax.Array]]]:
+    """Record what enters every adapter: within the context, each :class:`LoRALinear`
+    call appends its input ``(..., d_in)`` to ``records[module path]``. Use it inside
+    ``layers.record_layers`` (stacked layers then run one by one, outside jit): for a
+    stack of L layers, call k of a path is layer ``k % L``. Input-subspace methods
+    (InfLoRA) build their statistics from it."""
+    records: dict[str, list[jax.Array]] = {}
+    token = _INPUT_RECORD.set(records)
+    try:
+        yield records
+    finally:
+        _INPUT_RECORD.reset(token)
 
 
 def _annotated(cls: type[nnx.Variable], value: jax.Array, axes: Sequence[str | None]):
@@ -80,9 +102,11 @@ class LoRALinear(nnx.Module):
         alpha: float,
         rngs: nnx.Rngs,
         dropout: float = 0.0,
+        path: str = "",
     ):
         kernel = base.kernel[...]
         *stack, d_in, d_out = kernel.shape
+        self.path = path  # the wrapped module's path (names its recorded inputs)
         self.stack = tuple(stack)
         self.base = base
         self.rank = rank
@@ -118,6 +142,9 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., d_in) -> (..., d_out) in the compute dtype."""
+        records = _INPUT_RECORD.get()
+        if records is not None:
+            records.setdefault(self.path, []).append(x)
         y = self.base(x)
         compute = self.base.policy.compute
         h = x.astype(compute)
@@ -210,7 +237,9 @@ def apply_lora(
                 f"outside [1, {min(d_in, d_out)}]"
             )
         _replace(
-            model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs, dropout=dropout)
+            model,
+            path,
+            LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs, dropout=dropout, path=name),
         )
     return list(chosen)
 
