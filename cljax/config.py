@@ -70,8 +70,8 @@ class _Section:
 class ModelConfig(_Section):
     family: str = field(
         "llama",
-        "model family: 'llama' (decoder-only) or 't5' (encoder-decoder)",
-        choices=("llama", "t5"),
+        "model family: llama, mistral, qwen2 (decoder-only) or t5 (encoder-decoder);"
+        " cljax.cl.backbone.FAMILIES holds every registered one",
     )
     preset: str = field("tiny", "shape preset of the family (e.g. tiny, llama-2-7b, t5-large)")
     checkpoint: str = field("", "Hugging Face checkpoint directory; empty = random init")
@@ -563,8 +563,13 @@ def validate(cfg: Config) -> Config:
     if not [n for n in cfg.data.order.split(",") if n.strip()]:
         raise ConfigError("data.order is empty: name an order (order1..order6) or tasks")
     # The method's options (the methods module imports JAX: only loaded here).
+    from cljax.cl.backbone import get_family
     from cljax.cl.methods import get_method_class
 
+    try:
+        get_family(cfg.model.family)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"model.family={cfg.model.family!r}: {err}") from None
     options_type = get_method_class(cfg.method.name).Options
     build_options(options_type, cfg.method.options, "method.options", f"method {cfg.method.name!r}")
     if cfg.data.source == "tfds" and not cfg.data.tfds_data_dir:

@@ -141,8 +141,10 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def family_for_config(cfg: Any) -> ModelFamily:
+    """The family whose config class is exactly ``cfg``'s type (a variant subclassing
+    ``LlamaConfig`` is its own family, never exported as LLaMA)."""
     for family in FAMILIES.values():
-        if isinstance(cfg, family.config_class):
+        if type(cfg) is family.config_class:
             return family
     raise CheckpointError(
         f"no registered model family for config type {type(cfg).__name__}; "
@@ -473,6 +475,14 @@ def _llama_name_map(cfg: Any) -> list[TensorRule]:
             )
             for name in names
         ]
+    biased = ("q_proj", "k_proj", "v_proj") if cfg.attention_bias or cfg.qkv_bias else ()
+    biased += ("o_proj",) if cfg.attention_bias else ()
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.self_attn.{name}.bias", f"layers/attn/{name}/bias", num_layers=n
+        )
+        for name in biased
+    ]
     rules += [
         TensorRule(
             f"model.layers.{LAYER}.input_layernorm.weight", "layers/input_norm/scale", num_layers=n
@@ -489,21 +499,27 @@ def _llama_name_map(cfg: Any) -> list[TensorRule]:
     return rules
 
 
-def _register_llama() -> None:
-    from cljax.models.llama import Llama, LlamaConfig
+def llama_like_family(config_class: type) -> ModelFamily:
+    """The converter's record of a LLaMA-like family (``LlamaConfig`` or a variant of it:
+    its ``MODEL_TYPE``, the same tensor names, biases when the config has them)."""
+    from cljax.models.llama import Llama
 
-    register_family(
-        ModelFamily(
-            model_type="llama",
-            config_class=LlamaConfig,
-            config_from_hf=LlamaConfig.from_hf_dict,
-            config_to_hf=LlamaConfig.to_hf_dict,
-            build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
-            name_map=_llama_name_map,
-            # Old checkpoints saved the rotary buffer; it is recomputed from the config.
-            ignore=(r"\.rotary_emb\.inv_freq$",),
-        )
+    return ModelFamily(
+        model_type=config_class.MODEL_TYPE,
+        config_class=config_class,
+        config_from_hf=config_class.from_hf_dict,
+        config_to_hf=config_class.to_hf_dict,
+        build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
+        name_map=_llama_name_map,
+        # Old checkpoints saved the rotary buffer; it is recomputed from the config.
+        ignore=(r"\.rotary_emb\.inv_freq$",),
     )
+
+
+def _register_llama() -> None:
+    from cljax.models.llama import LlamaConfig
+
+    register_family(llama_like_family(LlamaConfig))
 
 
 _register_llama()
@@ -619,3 +635,7 @@ def _register_t5() -> None:
 
 
 _register_t5()
+
+
+# LLaMA-like variants register themselves (their config classes, the shared name map).
+from cljax.models import mistral, qwen2  # noqa: E402, F401

@@ -53,6 +53,7 @@ HF_VARIANTS = {
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
         rope_theta=500000.0,
+        attention_bias=True,  # q, k, v and o biases
     ),
 }
 
@@ -79,7 +80,7 @@ def hf_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     # Norm scales start at 1; perturb them so a missed or misplaced norm shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):  # biases start at 0
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -254,7 +255,7 @@ def test_from_hf_dict_rejects_unsupported_fields():
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, r"rope_scaling.rope_type 'yarn'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, r"lacks field.*low_freq_factor"),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-        ({"attention_bias": True}, r"attention_bias=True"),
+        ({"mlp_bias": True}, r"mlp_bias=True"),
         ({"sliding_window": 512}, r"unsupported config field\(s\) \['sliding_window'\]"),
         ({"hidden_size": "32"}, r"hidden_size must be a positive int"),
         ({"num_key_value_heads": 3}, r"not a multiple of num_key_value_heads 3"),
