@@ -40,68 +40,12 @@ from safetensors.numpy import save_file
 
 from cljax import parallel
 from cljax.errors import CheckpointError
+from cljax.models.hf_names import LAYER, TRANSFORMS, TensorRule, Transform  # noqa: F401
 from cljax.paths import path_to_str
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LAYER = "{layer}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """An invertible per-tensor transform between the HF layout and the cljax layout.
-
-    Both functions act on one (per-layer) tensor; they must also work on zero-stride
-    views (``np.broadcast_to``), which is how expected shapes are computed.
-    """
-
-    to_cljax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-# PyTorch nn.Linear stores weight (out, in); cljax kernels are (in, out).
-TRANSFORMS: dict[str, Transform] = {
-    "identity": Transform(to_cljax=lambda a: a, to_hf=lambda a: a),
-    "transpose": Transform(
-        to_cljax=lambda a: np.swapaxes(a, -1, -2), to_hf=lambda a: np.swapaxes(a, -1, -2)
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-    """One HF tensor (or one per layer) <-> one cljax parameter.
-
-    hf_name: HF tensor name; contains ``{layer}`` iff ``num_layers`` is set.
-    path: cljax state path (``cljax.paths``), e.g. ``"layers/attn/q_proj/kernel"``.
-    transform: a key of ``TRANSFORMS``, applied per layer.
-    num_layers: L for a parameter stacked over layers: HF tensors for layers 0..L-1
-        become the slices ``param[0] .. param[L-1]``.
-    """
-
-    hf_name: str
-    path: str
-    transform: str = "identity"
-    num_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.transform not in TRANSFORMS:
-            raise ValueError(
-                f"rule for {self.hf_name!r}: unknown transform {self.transform!r}; "
-                f"valid: {sorted(TRANSFORMS)}"
-            )
-        if (LAYER in self.hf_name) != (self.num_layers is not None):
-            raise ValueError(
-                f"rule for {self.hf_name!r}: a {LAYER} placeholder goes with num_layers "
-                f"(got {self.num_layers})"
-            )
-
-    def hf_names(self) -> list[str]:
-        """The concrete HF tensor names, one per layer for a stacked rule."""
-        if self.num_layers is None:
-            return [self.hf_name]
-        return [self.hf_name.format(layer=i) for i in range(self.num_layers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,50 +403,10 @@ def _split_shards(
 # ---------------------------------------------------------------------------------------
 
 
-def _llama_name_map(cfg: Any) -> list[TensorRule]:
-    n = cfg.num_hidden_layers
-    rules = [TensorRule("model.embed_tokens.weight", "embed/embedding")]
-    for group, hf_group, names in (
-        ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
-    ):
-        rules += [
-            TensorRule(
-                f"model.layers.{LAYER}.{hf_group}.{name}.weight",
-                f"layers/{group}/{name}/kernel",
-                "transpose",
-                n,
-            )
-            for name in names
-        ]
-    biased = ("q_proj", "k_proj", "v_proj") if cfg.attention_bias or cfg.qkv_bias else ()
-    biased += ("o_proj",) if cfg.attention_bias else ()
-    rules += [
-        TensorRule(
-            f"model.layers.{LAYER}.self_attn.{name}.bias", f"layers/attn/{name}/bias", num_layers=n
-        )
-        for name in biased
-    ]
-    rules += [
-        TensorRule(
-            f"model.layers.{LAYER}.input_layernorm.weight", "layers/input_norm/scale", num_layers=n
-        ),
-        TensorRule(
-            f"model.layers.{LAYER}.post_attention_layernorm.weight",
-            "layers/post_attn_norm/scale",
-            num_layers=n,
-        ),
-        TensorRule("model.norm.weight", "final_norm/scale"),
-    ]
-    if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
-    return rules
-
-
 def llama_like_family(config_class: type) -> ModelFamily:
     """The converter's record of a LLaMA-like family (``LlamaConfig`` or a variant of it:
     its ``MODEL_TYPE``, the same tensor names, biases when the config has them)."""
-    from cljax.models.llama import Llama
+    from cljax.models.llama import Llama, hf_name_map
 
     return ModelFamily(
         model_type=config_class.MODEL_TYPE,
@@ -510,7 +414,7 @@ def llama_like_family(config_class: type) -> ModelFamily:
         config_from_hf=config_class.from_hf_dict,
         config_to_hf=config_class.to_hf_dict,
         build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
-        name_map=_llama_name_map,
+        name_map=hf_name_map,
         # Old checkpoints saved the rotary buffer; it is recomputed from the config.
         ignore=(r"\.rotary_emb\.inv_freq$",),
     )
@@ -529,91 +433,9 @@ _register_llama()
 # T5 (transformers T5ForConditionalGeneration: T5 v1.0, v1.1, Flan-T5)
 # ---------------------------------------------------------------------------------------
 
-# Copies of the shared embedding that some T5 checkpoints also store; transformers ties
-# them to ``shared.weight``. ``_t5_resolve_config`` checks that they are equal to it.
-_T5_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-def _t5_name_map(cfg: Any) -> list[TensorRule]:
-    rules = [TensorRule("shared.weight", "shared/embedding")]
-    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
-        block = f"{stack}.block.{LAYER}.layer"
-        # One relative-position table per stack, stored in block 0 and shared by all blocks.
-        rules.append(
-            TensorRule(
-                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                f"{stack}/relative_bias",
-            )
-        )
-        # HF sub-layer index -> (HF attention module, cljax attention module)
-        attention = [(0, "SelfAttention", "self_attn")]
-        if stack == "decoder":
-            attention.append((1, "EncDecAttention", "cross_attn"))
-        for index, hf_attn, attn in attention:
-            rules += [
-                TensorRule(
-                    f"{block}.{index}.{hf_attn}.{p}.weight",
-                    f"{stack}/layers/{attn}/{p}_proj/kernel",
-                    "transpose",
-                    n,
-                )
-                for p in "qkvo"
-            ]
-            rules.append(
-                TensorRule(
-                    f"{block}.{index}.layer_norm.weight",
-                    f"{stack}/layers/{attn}_norm/scale",
-                    num_layers=n,
-                )
-            )
-        ff = len(attention)  # the feed-forward sub-layer comes last
-        dense = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
-        rules += [
-            TensorRule(
-                f"{block}.{ff}.DenseReluDense.{name}.weight",
-                f"{stack}/layers/mlp/{name}/kernel",
-                "transpose",
-                n,
-            )
-            for name in dense
-        ]
-        rules.append(
-            TensorRule(
-                f"{block}.{ff}.layer_norm.weight", f"{stack}/layers/mlp_norm/scale", num_layers=n
-            )
-        )
-        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}/final_norm/scale"))
-    if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
-    return rules
-
-
-def _t5_resolve_config(cfg: Any, tensors: Any) -> Any:
-    """Tied or untied output layer, decided as transformers decides it.
-
-    An ``lm_head.weight`` that differs from ``shared.weight`` is a separate output layer
-    even when config.json says ``tie_word_embeddings: true`` (transformers 5 writes that
-    for every T5 and then keeps the two apart); one equal to it is a tied copy. Stored
-    copies of the input embeddings must equal ``shared.weight``.
-    """
-    shared = tensors.read("shared.weight") if "shared.weight" in tensors.located else None
-    for name in _T5_EMBED_COPIES:
-        if name in tensors.located and shared is not None:
-            copy = tensors.read(name)
-            if copy.shape != shared.shape or not np.array_equal(copy, shared):
-                raise CheckpointError(
-                    f"{tensors.located[name]}: tensor {name!r} differs from 'shared.weight'; "
-                    "T5 ties the input embeddings of both stacks to it"
-                )
-    if cfg.tie_word_embeddings and "lm_head.weight" in tensors.located and shared is not None:
-        head = tensors.read("lm_head.weight")
-        if head.shape != shared.shape or not np.array_equal(head, shared):
-            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-    return cfg
-
 
 def _register_t5() -> None:
-    from cljax.models.t5 import T5, T5Config
+    from cljax.models.t5 import EMBED_COPIES, T5, T5Config, hf_name_map, resolve_hf_config
 
     register_family(
         ModelFamily(
@@ -622,14 +444,14 @@ def _register_t5() -> None:
             config_from_hf=T5Config.from_hf_dict,
             config_to_hf=T5Config.to_hf_dict,
             build=lambda cfg, rngs: T5(cfg, rngs=rngs),
-            name_map=_t5_name_map,
+            name_map=hf_name_map,
             ignore=(
-                # Tied copies, checked by _t5_resolve_config (an untied lm_head is used).
-                *(rf"^{re.escape(name)}$" for name in (*_T5_EMBED_COPIES, "lm_head.weight")),
+                # Tied copies, checked by t5.resolve_hf_config (an untied lm_head is used).
+                *(rf"^{re.escape(name)}$" for name in (*EMBED_COPIES, "lm_head.weight")),
                 # Cross-attention has no position bias; transformers skips this tensor too.
                 r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
             ),
-            resolve_config=_t5_resolve_config,
+            resolve_config=resolve_hf_config,
         )
     )
 

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cljax.models.hf_names import LAYER, TensorRule
 from cljax.models.layers import (
     HF_BOOKKEEPING_FIELDS,
     DTypePolicy,
@@ -653,3 +654,50 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -
     loss_mask (B, T) {0,1}. Returns a float32 scalar (nats per answer token).
     """
     return masked_mean_nll(logits, labels, loss_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face tensor names
+# ---------------------------------------------------------------------------------------
+
+
+def hf_name_map(cfg: LlamaConfig) -> list[TensorRule]:
+    """Hugging Face tensor names <-> cljax paths (``hf_names.TensorRule``), biases when
+    the config has them."""
+    n = cfg.num_hidden_layers
+    rules = [TensorRule("model.embed_tokens.weight", "embed/embedding")]
+    for group, hf_group, names in (
+        ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
+        rules += [
+            TensorRule(
+                f"model.layers.{LAYER}.{hf_group}.{name}.weight",
+                f"layers/{group}/{name}/kernel",
+                "transpose",
+                n,
+            )
+            for name in names
+        ]
+    biased = ("q_proj", "k_proj", "v_proj") if cfg.attention_bias or cfg.qkv_bias else ()
+    biased += ("o_proj",) if cfg.attention_bias else ()
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.self_attn.{name}.bias", f"layers/attn/{name}/bias", num_layers=n
+        )
+        for name in biased
+    ]
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.input_layernorm.weight", "layers/input_norm/scale", num_layers=n
+        ),
+        TensorRule(
+            f"model.layers.{LAYER}.post_attention_layernorm.weight",
+            "layers/post_attn_norm/scale",
+            num_layers=n,
+        ),
+        TensorRule("model.norm.weight", "final_norm/scale"),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
+    return rules
