@@ -304,6 +304,14 @@ _KNOWN_HF_FIELDS = (
     | {"rope_parameters"}
 )
 
+
+def variant_of(base: LlamaConfig, cls: type, **changes: Any) -> Any:
+    """A LLaMA-like variant's config (``cls``) with ``base``'s shape, ``changes`` applied:
+    variants state their presets as differences from LLaMA's."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)}
+    return cls(**{**fields, **changes})
+
+
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(
         vocab_size=256,

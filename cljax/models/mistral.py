@@ -10,7 +10,8 @@ from typing import Any
 
 from cljax.models.convert import llama_like_family, register_family
 from cljax.models.layers import preset_config
-from cljax.models.llama import LlamaConfig
+from cljax.models.llama import PRESETS as LLAMA_PRESETS
+from cljax.models.llama import LlamaConfig, variant_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,34 +30,15 @@ class MistralConfig(LlamaConfig):
 
 
 PRESETS = {
-    "tiny": MistralConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        sliding_window=8,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    ),
-    "mistral-7b": MistralConfig(
-        vocab_size=32000,
-        hidden_size=4096,
+    "tiny": variant_of(LLAMA_PRESETS["tiny"], MistralConfig, sliding_window=8),
+    # Mistral-7B v0.1: LLaMA-2-7B's width and depth, GQA (8 kv heads), a wider MLP
+    "mistral-7b": variant_of(
+        LLAMA_PRESETS["llama-2-7b"],
+        MistralConfig,
         intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
         num_key_value_heads=8,
         max_position_embeddings=32768,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         sliding_window=4096,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=None,
     ),
 }
 

@@ -10,7 +10,8 @@ from typing import Any
 
 from cljax.models.convert import llama_like_family, register_family
 from cljax.models.layers import preset_config
-from cljax.models.llama import LlamaConfig
+from cljax.models.llama import PRESETS as LLAMA_PRESETS
+from cljax.models.llama import LlamaConfig, variant_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,19 +59,8 @@ def _qwen(
 
 
 PRESETS = {
-    "tiny": Qwen2Config(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        rope_theta=1000000.0,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
+    "tiny": variant_of(
+        LLAMA_PRESETS["tiny"], Qwen2Config, rms_norm_eps=1e-6, rope_theta=1000000.0, qkv_bias=True
     ),
     "qwen2.5-0.5b": _qwen(896, 4864, 24, 14, 2, vocab=151936, tied=True),
     "qwen2.5-1.5b": _qwen(1536, 8960, 28, 12, 2, vocab=151936, tied=True),

@@ -21,7 +21,7 @@ from cljax.models.convert import export_hf_checkpoint, family_for_config, load_h
 from cljax.models.mistral import MistralConfig
 from cljax.models.qwen2 import Qwen2Config
 from tests.models.test_generate import hf_greedy, prompts_of
-from tests.models.test_llama import hf_logits, padded_batch
+from tests.models.test_llama import HF_TINY, hf_logits, padded_batch, perturbed
 
 VARIANTS = {
     # window 5 < the 24-token rows of padded_batch and the longest prompts below
@@ -32,29 +32,7 @@ VARIANTS = {
 
 def hf_variant(name: str, seed: int = 0) -> torch.nn.Module:
     model_class, config_class, _, extra = VARIANTS[name]
-    config = config_class(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-        **extra,
-    )
-    torch.manual_seed(seed)
-    model = model_class(config).eval()
-    # Norm scales start at 1 and biases at 0: perturb them so a missed one shows.
-    with torch.no_grad():
-        for param_name, p in model.named_parameters():
-            if "norm" in param_name or param_name.endswith("bias"):
-                p.add_(0.3 * torch.randn_like(p))
-    return model
+    return perturbed(model_class, config_class(**HF_TINY, **extra), seed)
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
