@@ -8,6 +8,13 @@ Compilation is excluded: each side runs the batch once as a warm-up (cljax compi
 then; transformers warms its allocator), then the two sides alternate for ``--repeats``
 timed runs and each side's fastest run counts (the machine may be shared).
 
+``bench_free_text`` is the free-text case of TRACE-like tasks: prompts of mixed lengths up
+to 1024 tokens, up to 128 new tokens, rows stopping at eos (an eos id chosen so that rows
+finish at different steps; both sides stop when every row has finished). ``bench_evaluate``
+times whole evaluations of the TRACE fixture (``tests/fixtures/trace``): cljax's
+``evaluate_generate`` against transformers' ``generate`` + decoding + the same metric, in
+examples/s.
+
     python bench/generate.py [--repeats 3] [--batch 16] [--new-tokens 32] [--torch-threads N]
 """
 
@@ -30,13 +37,15 @@ class Result:
     cljax_seconds: float
     hf_seconds: float
     tokens_equal: bool
+    unit: str = "tok"  # what new_tokens counts (items for whole evaluations)
 
     def report(self) -> str:
         ours, theirs = self.new_tokens / self.cljax_seconds, self.new_tokens / self.hf_seconds
+        same = "same scores" if self.unit == "items" else "same tokens"
         return (
-            f"{self.name}: cljax {ours:,.0f} tok/s ({self.cljax_seconds * 1e3:.1f} ms), "
-            f"transformers {theirs:,.0f} tok/s ({self.hf_seconds * 1e3:.1f} ms), "
-            f"ratio {ours / theirs:.2f}x, same tokens: {self.tokens_equal}"
+            f"{self.name}: cljax {ours:,.1f} {self.unit}/s ({self.cljax_seconds * 1e3:.1f} ms), "
+            f"transformers {theirs:,.1f} {self.unit}/s ({self.hf_seconds * 1e3:.1f} ms), "
+            f"ratio {ours / theirs:.2f}x, {same}: {self.tokens_equal}"
         )
 
 
@@ -82,6 +91,27 @@ def hf_greedy(hf: torch.nn.Module, new_tokens: int, **inputs: object) -> torch.T
         )
 
 
+def hf_until_eos(
+    hf: torch.nn.Module, prompts: Sequence[Sequence[int]], new_tokens: int, eos: int, pad: int
+) -> list[list[int]]:
+    """transformers' greedy ``generate`` on left-padded prompts, stopping at ``eos``: each
+    row's new tokens up to and including its eos."""
+    from cljax.models.generate import left_pad
+
+    length = max(map(len, prompts))
+    ids, mask = left_pad(prompts, length, pad)
+    with torch.inference_mode():
+        out = hf.generate(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+    return _until_eos(out[:, length:].numpy(), eos)
+
+
 def compare(
     name: str,
     generated_tokens: int,
@@ -95,27 +125,42 @@ def compare(
     return Result(name, generated_tokens, cljax_seconds, hf_seconds, same)
 
 
-def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
-    """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
+def _llama_pair(max_positions: int, vocab: int = 32000) -> tuple[torch.nn.Module, object, object]:
+    """A random transformers LLaMA (4 layers, width 256) and its cljax copy."""
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from cljax.models.generate import generate_llama, left_pad
 
     torch.manual_seed(0)
     hf_cfg = LlamaConfig(
-        vocab_size=32000,
+        vocab_size=vocab,
         hidden_size=256,
         intermediate_size=688,
         num_hidden_layers=4,
         num_attention_heads=8,
         num_key_value_heads=4,
-        max_position_embeddings=512,
+        max_position_embeddings=max_positions,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
     )
     hf = LlamaForCausalLM(hf_cfg).eval()
-    model = convert(hf)
+    return hf, convert(hf), hf_cfg
+
+
+def _until_eos(tokens: np.ndarray, eos: int) -> list[list[int]]:
+    """Each row's tokens up to and including its first eos (what both sides agree on;
+    after it, each pads in its own way)."""
+    rows = []
+    for row in np.asarray(tokens):
+        hits = np.flatnonzero(row == eos)
+        rows.append(row[: hits[0] + 1 if hits.size else len(row)].tolist())
+    return rows
+
+
+def bench_llama(batch: int, new_tokens: int, repeats: int) -> Result:
+    """4 layers, width 256 (8 heads, 4 kv heads), MLP 688, vocab 32000."""
+    from cljax.models.generate import generate_llama, left_pad
+
+    hf, model, hf_cfg = _llama_pair(512)
     prompts = varied_prompts(batch, hf_cfg.vocab_size)
     length = max(map(len, prompts))
     ids, mask = left_pad(prompts, length, hf_cfg.pad_token_id)
@@ -184,7 +229,111 @@ def bench_t5(batch: int, new_tokens: int, repeats: int) -> Result:
     )
 
 
-BENCHES: dict[str, Callable[[int, int, int], Result]] = {"llama": bench_llama, "t5": bench_t5}
+def bench_free_text(batch: int, new_tokens: int, repeats: int) -> Result:
+    """LLaMA 4x256, prompts of 16..1024 tokens, up to ``max(new_tokens, 128)`` new ones,
+    stopping at eos per row."""
+    from cljax.models.generate import generate_llama
+
+    new_tokens = max(new_tokens, 128)
+    hf, model, hf_cfg = _llama_pair(1024 + new_tokens)
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(16, 1025, batch)
+    prompts = [[1, *rng.integers(3, hf_cfg.vocab_size, n - 1).tolist()] for n in lengths]
+    # An eos the random model does produce: the most common token among the rows' outputs
+    # past the first quarter, so rows stop at different steps and some run to the end.
+    free = generate_llama(model, prompts, new_tokens, eos_token_ids=()).tokens
+    values, counts = np.unique(free[:, new_tokens // 4 :], return_counts=True)
+    eos = int(values[np.argmax(counts)])
+
+    def run_hf() -> list[list[int]]:
+        return hf_until_eos(hf, prompts, new_tokens, eos, hf_cfg.pad_token_id)
+
+    def run_cljax() -> list[list[int]]:
+        return _until_eos(
+            generate_llama(model, prompts, new_tokens, eos_token_ids=(eos,)).tokens, eos
+        )
+
+    generated = sum(map(len, run_cljax()))
+    same = run_cljax() == run_hf()
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
+    return Result(
+        f"free text: llama 4x256, batch {batch}, prompts 16..1024, up to {new_tokens} new,"
+        f" eos per row ({generated} tokens generated)",
+        generated,
+        cljax_seconds,
+        hf_seconds,
+        same,
+    )
+
+
+def bench_evaluate(batch: int, new_tokens: int, repeats: int) -> Result:
+    """Evaluation of the TRACE fixture's test splits end to end (16 items, each task's own
+    metric and generation length, at most ``new_tokens``) with a 4x256 LLaMA: cljax's
+    ``evaluate_generate`` vs ``transformers.generate`` + decoding + the same metric.
+    Throughput is in items/s."""
+    from pathlib import Path
+
+    from cljax.cl import scoring
+    from cljax.cl.backbone import get_family
+    from cljax.cl.evaluate import evaluate_generate
+    from cljax.data.batching import encode_split, load_tokenizer
+    from cljax.data.files import plain_render
+    from cljax.data.sources import SourceConfig
+    from cljax.data.trace import TRACE_ORDER, trace_task
+
+    fixture = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "trace"
+    tokenizer = load_tokenizer(
+        Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
+    )
+    source = SourceConfig(data_dir=str(fixture))
+    splits = [
+        encode_split(t.spec, t.test, tokenizer, max_source_tokens=512, max_target_tokens=64)
+        for t in (trace_task(name, source, plain_render) for name in TRACE_ORDER)
+    ]
+    hf, model, _ = _llama_pair(512 + new_tokens + 1, vocab=tokenizer.vocab_size)
+    family = get_family("llama")
+
+    def run_cljax() -> list[float]:
+        return [
+            evaluate_generate(
+                family, model, enc, tokenizer, batch_size=batch, max_new_tokens=new_tokens
+            ).score
+            for enc in splits
+        ]
+
+    def run_hf() -> list[float]:
+        scores = []
+        for enc in splits:
+            limit = min(enc.spec.max_new_tokens or new_tokens, new_tokens)
+            bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+            prompts = [[*bos, *p.tolist()] for p in enc.prompts]
+            rows = hf_until_eos(hf, prompts, limit, tokenizer.eos_id, tokenizer.pad_id)
+            texts = [tokenizer.decode(row) for row in rows]
+            spec = enc.spec
+            scores.append(
+                scoring.score(spec.metric, texts, enc.labels, enc.sources, extract=spec.extract)
+            )
+        return scores
+
+    items = sum(len(enc) for enc in splits)
+    same = np.allclose(run_cljax(), run_hf())
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_hf], repeats)
+    return Result(
+        f"evaluation of the TRACE fixture ({items} items, 8 metrics), llama 4x256",
+        items,
+        cljax_seconds,
+        hf_seconds,
+        bool(same),
+        unit="items",
+    )
+
+
+BENCHES: dict[str, Callable[[int, int, int], Result]] = {
+    "llama": bench_llama,
+    "t5": bench_t5,
+    "free_text": bench_free_text,
+    "evaluate": bench_evaluate,
+}
 
 
 def main() -> None:

@@ -35,7 +35,8 @@ from flax import nnx
 
 from cljax.models.llama import Llama, LlamaConfig
 from cljax.optim.osf import osf, osf_bases
-from cljax.optim.subspace import build_bases, named_leaves
+from cljax.optim.subspace import build_bases
+from cljax.paths import named_leaves
 
 TARGETS = [r"attn/(q|k|v|o)_proj/kernel$", r"mlp/(gate|up|down)_proj/kernel$"]
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -70,8 +70,8 @@ class _Section:
 class ModelConfig(_Section):
     family: str = field(
         "llama",
-        "model family: 'llama' (decoder-only) or 't5' (encoder-decoder)",
-        choices=("llama", "t5"),
+        "model family: llama, mistral, qwen2 (decoder-only) or t5 (encoder-decoder);"
+        " cljax.cl.backbone.FAMILIES holds every registered one",
     )
     preset: str = field("tiny", "shape preset of the family (e.g. tiny, llama-2-7b, t5-large)")
     checkpoint: str = field("", "Hugging Face checkpoint directory; empty = random init")
@@ -95,15 +95,27 @@ class ModelConfig(_Section):
 class DataConfig(_Section):
     source: str = field(
         "synthetic",
-        "'synthetic' (built in), 'json' (benchmark dir) or 'tfds'",
-        choices=("synthetic", "json", "tfds"),
+        "'synthetic' (built in), 'json' (benchmark dir), 'tfds' or 'trace' (TRACE's layout)",
+        choices=("synthetic", "json", "tfds", "trace"),
     )
-    data_dir: str = field("", "benchmark root for json/tfds; empty = $CLJAX_DATA_DIR")
+    data_dir: str = field(
+        "", "benchmark root for json/tfds (empty = $CLJAX_DATA_DIR); the TRACE root for trace"
+    )
     tfds_data_dir: str = field("", "where TFDS shards are built and read (source='tfds')")
     order: str = field(
         "topic,sentiment,entailment",
         "json/tfds: an order (order1..order6) or comma-separated datasets; "
-        "synthetic: comma-separated task kinds",
+        "synthetic: comma-separated task kinds; trace: 'trace' (TRACE's order) or its tasks;"
+        " any source: names of data.files tasks too",
+    )
+    files: dict = field(
+        {},
+        "your own free-text tasks: {name: {'train': FILE, 'test': FILE, 'metric': 'accuracy',"
+        " 'extract': 'text', 'max_new_tokens': 0}} (JSON/JSONL of prompt/answer,"
+        " input/output or chat messages); name them in data.order",
+    )
+    chat_template: bool = field(
+        False, "render free-text prompts through the tokenizer directory's chat template"
     )
     tokenizer: str = field("bpe", "'bpe' (trained on the tasks, cached) or an HF tokenizer dir")
     tokenizer_vocab_size: int = field(512, "vocabulary of the 'bpe' tokenizer", positive=True)
@@ -201,8 +213,16 @@ class EvalConfig(_Section):
         choices=("generate", "rank"),
     )
     batch_size: int = field(32, "evaluation batch size", positive=True)
-    max_new_tokens: int = field(50, "greedy decoding budget", positive=True)
+    max_new_tokens: int = field(
+        50, "greedy decoding budget (a free-text task's own length, at most this)", positive=True
+    )
     all_tasks: bool = field(True, "evaluate unseen tasks too (gives forward transfer)")
+    general: list = field(
+        [],
+        "general-ability sets scored on the base model and after every task: JSON/JSONL"
+        " files of multiple-choice or numeric-answer records, or benchmark dataset names"
+        " (their test items, multiple choice over the options); see cljax.cl.general",
+    )
 
 
 @dataclasses.dataclass
@@ -543,8 +563,13 @@ def validate(cfg: Config) -> Config:
     if not [n for n in cfg.data.order.split(",") if n.strip()]:
         raise ConfigError("data.order is empty: name an order (order1..order6) or tasks")
     # The method's options (the methods module imports JAX: only loaded here).
+    from cljax.cl.backbone import get_family
     from cljax.cl.methods import get_method_class
 
+    try:
+        get_family(cfg.model.family)
+    except UnknownNameError as err:
+        raise UnknownNameError(f"model.family={cfg.model.family!r}: {err}") from None
     options_type = get_method_class(cfg.method.name).Options
     build_options(options_type, cfg.method.options, "method.options", f"method {cfg.method.name!r}")
     if cfg.data.source == "tfds" and not cfg.data.tfds_data_dir:
@@ -556,7 +581,64 @@ def validate(cfg: Config) -> Config:
         )
     if not 0 <= cfg.data.holdout_fraction < 1:
         raise ConfigError(f"data.holdout_fraction={cfg.data.holdout_fraction!r} must be in [0, 1)")
+    for name, entry in cfg.data.files.items():
+        check_file_task(name, entry)
+    stems = [Path(p).stem for p in cfg.eval.general]
+    if not all(isinstance(p, str) and p for p in cfg.eval.general) or len(set(stems)) < len(stems):
+        raise ConfigError(
+            f"eval.general={cfg.eval.general!r}: a list of file paths with distinct names"
+        )
+    free_text = cfg.data.source == "trace" or bool(cfg.data.files)
+    if free_text and cfg.eval.mode == "rank":
+        raise ConfigError(
+            "eval.mode='rank' scores a task's options; free-text tasks (data.source=trace,"
+            " data.files) have none: use eval.mode=generate"
+        )
+    if cfg.data.chat_template and cfg.data.tokenizer == "bpe":
+        raise ConfigError(
+            "data.chat_template=True needs data.tokenizer to be a tokenizer directory with a"
+            " chat template (the 'bpe' tokenizer trained here has none)"
+        )
     return cfg
+
+
+#: a ``data.files`` entry's keys and their defaults
+FILE_TASK_KEYS: dict[str, Any] = {
+    "train": "",
+    "test": "",
+    "metric": "accuracy",
+    "extract": "text",
+    "max_new_tokens": 0,
+}
+
+
+def check_file_task(name: str, entry: Any) -> dict[str, Any]:
+    """A ``data.files`` entry with its defaults filled in; unknown keys, a missing file
+    name, an unknown metric or answer extraction are errors naming the key."""
+    from cljax.cl import scoring  # the metrics' packages: loaded only when tasks use them
+
+    key = f"data.files.{name}"
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{key} must be a dict of {sorted(FILE_TASK_KEYS)}")
+    unknown = sorted(set(entry) - set(FILE_TASK_KEYS))
+    if unknown:
+        raise UnknownNameError(f"{key}: unknown key(s) {unknown}; valid: {sorted(FILE_TASK_KEYS)}")
+    task = {**FILE_TASK_KEYS, **entry}
+    for split in ("train", "test"):
+        if not isinstance(task[split], str) or not task[split]:
+            raise ConfigError(f"{key}.{split}: the path of the task's {split} file is required")
+    if task["metric"] not in scoring.METRICS:
+        raise UnknownNameError(
+            f"{key}.metric={task['metric']!r}: unknown metric; valid: {', '.join(scoring.METRICS)}"
+        )
+    if task["extract"] not in scoring.EXTRACTORS:
+        raise UnknownNameError(
+            f"{key}.extract={task['extract']!r}: unknown answer extraction; valid:"
+            f" {', '.join(scoring.EXTRACTORS)}"
+        )
+    if not isinstance(task["max_new_tokens"], int) or task["max_new_tokens"] < 0:
+        raise ConfigError(f"{key}.max_new_tokens must be an int >= 0 (0 = eval.max_new_tokens)")
+    return task
 
 
 def resolve(cfg: Config, overrides: Sequence[str] = (), method: str | None = None) -> Config:

@@ -266,7 +266,7 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
 
 
 def _path_str(path: Sequence[Any]) -> str:
-    from cljax.optim.subspace import path_to_str
+    from cljax.paths import path_to_str
 
     return path_to_str(path)
 

@@ -108,7 +108,11 @@ def test_a_value_set_after_for_method_survives_resolving_again():
         ("train.schedule=step", "train.schedule='step': must be one of constant, linear, cosine"),
         ("data.truncation=cut", "data.truncation='cut': must be one of keep_answer, release"),
         ("data.invalid_labels=drop", "data.invalid_labels='drop': must be one of exclude, error"),
-        ("model.family=gpt", "model.family='gpt': must be one of llama, t5"),
+        (
+            "model.family=gpt",
+            "model.family='gpt': unknown model family 'gpt'; valid: ['llama', 'mistral', 'qwen2',"
+            " 't5']",
+        ),
         ("model.remat=all", "model.remat='all': must be one of none, full, dots, dots_no_batch"),
         ("data.holdout_fraction=1.5", "data.holdout_fraction=1.5 must be in [0, 1)"),
     ],

@@ -24,7 +24,8 @@ from cljax.models.layers import DTypePolicy
 from cljax.models.llama import Llama, LlamaConfig
 from cljax.models.t5 import T5, T5Config
 from cljax.optim.osf import osf, osf_bases
-from cljax.optim.subspace import batched_svd, named_leaves
+from cljax.optim.subspace import batched_svd
+from cljax.paths import named_leaves
 from tests.models.trees import assert_trees_close
 
 pytestmark = pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (fake) devices")

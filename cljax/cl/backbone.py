@@ -3,7 +3,7 @@ build the model for a tokenizer, its batch format, its loss, per-row answer
 log-likelihoods (rank classification), greedy generation, and the parameter targets of
 the methods (OSF matrices, LoRA modules, GORP full weights) as path regexes.
 
-Paths are ``/``-joined state paths (``cljax.optim.subspace.path_to_str``); LoRA targets
+Paths are ``/``-joined state paths (``cljax.paths``); LoRA targets
 are module paths (``layers/attn/q_proj``); a weight wrapped by LoRA lives under
 ``.../base/kernel``.
 """
@@ -243,7 +243,24 @@ T5_FAMILY = Family(
 FAMILIES: dict[str, Family] = {f.name: f for f in (LLAMA, T5_FAMILY)}
 
 
+def llama_like(name: str, config_class: type) -> Family:
+    """The loop's record of a LLaMA-like family: LLaMA's, with its own config class."""
+    return dataclasses.replace(LLAMA, name=name, config_class=config_class)
+
+
 def get_family(name: str) -> Family:
+    """The family ``name``: LLaMA, T5, or any LLaMA-like variant registered with the
+    converter (``cljax.models.mistral``, ``cljax.models.qwen2``) under its model type."""
     if name not in FAMILIES:
-        raise UnknownNameError(f"unknown model family {name!r}; valid: {sorted(FAMILIES)}")
+        from cljax.models.convert import FAMILIES as CONVERTERS
+
+        variants = {
+            model_type: family.config_class
+            for model_type, family in CONVERTERS.items()
+            if issubclass(family.config_class, LlamaConfig)
+        }
+        if name not in variants:
+            valid = sorted({*FAMILIES, *variants})
+            raise UnknownNameError(f"unknown model family {name!r}; valid: {valid}")
+        FAMILIES[name] = llama_like(name, variants[name])
     return FAMILIES[name]

@@ -49,6 +49,8 @@ def _flat(tree: PyTree) -> tuple[dict[str, Any], list[Any], Any]:
     named = {}
     for path, leaf in flat:
         if np.size(leaf):
+            # Dotted, not cljax.paths' '/': these are the item names inside checkpoints
+            # already written, and renaming them would orphan every existing run's.
             name = ".".join(
                 str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path
             )

@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from cljax import distributed, parallel
 from cljax.cl import report
 from cljax.cl.backbone import Family, get_family
 from cljax.cl.checkpoint import CorruptCheckpointError, RunCheckpointer
-from cljax.cl.evaluate import TaskScore, evaluate_generate, evaluate_rank
+from cljax.cl.evaluate import TaskScore, evaluate_choices, evaluate_generate, evaluate_rank
+from cljax.cl.general import GeneralSet, benchmark_general_set, load_general_set
 from cljax.cl.methods import Method, get_method
 from cljax.cl.rundir import (
     Progress,
@@ -41,11 +42,13 @@ from cljax.cl.rundir import (
     drop_log_after,
     sync,
 )
-from cljax.config import Config, resolve
+from cljax.config import Config, check_file_task, resolve
 from cljax.data import batching, sources
 from cljax.data.batching import Batch, BatchConfig, EncodedSplit, TextTokenizer
+from cljax.data.files import TextExample, file_task, plain_render
 from cljax.data.synthetic import SyntheticConfig, synthetic_benchmark
-from cljax.data.tasks import get_dataset, get_order
+from cljax.data.tasks import DATASETS, get_dataset, get_order
+from cljax.data.trace import TRACE_ORDER, get_trace_task, trace_task
 from cljax.errors import (
     CljaxError,
     ConfigError,
@@ -75,8 +78,20 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
     """Read (or generate) the tasks, load or train the tokenizer, tokenize every split."""
     data = cfg.data
     names = tuple(n.strip() for n in data.order.split(",") if n.strip())
+    files = {name: check_file_task(name, entry) for name, entry in data.files.items()}
     skipped: list[dict[str, str]] = []
+    # A tokenizer directory is loaded first: free-text prompts may render through its chat
+    # template. The 'bpe' tokenizer is trained on the tasks, so after them.
+    tokenizer = None if data.tokenizer == "bpe" else batching.load_tokenizer(data.tokenizer)
+
+    def render(example: TextExample) -> str:
+        if data.chat_template:
+            return tokenizer.render_chat(example.context)
+        return plain_render(example)
+
     if data.source == "synthetic":
+        if files:
+            raise ConfigError("data.files needs data.source=json, tfds or trace")
         defaults = SyntheticConfig()
         tasks = synthetic_benchmark(
             SyntheticConfig(
@@ -86,9 +101,9 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
                 test_per_class=data.test_per_class or defaults.test_per_class,
             )
         )
-    elif data.source in ("json", "tfds"):
+    elif data.source in ("json", "tfds", "trace"):
         source_cfg = sources.SourceConfig(
-            source=data.source,
+            source="json" if data.source == "trace" else data.source,
             data_dir=data.data_dir or None,
             tfds_data_dir=data.tfds_data_dir or None,
             train_per_class=data.train_per_class or None,
@@ -99,16 +114,21 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
             invalid_labels=data.invalid_labels,
             empty_sentences=data.empty_sentences,
         )
-        single = len(names) == 1 and names[0].startswith("order")
-        names = get_order(names[0]) if single else names
+        names = _expand_order(names, data.source)
         for name in names:  # every name checked before any file is read
-            get_dataset(name)
-        if data.source == "json":  # a missing benchmark root is no dataset to skip
-            sources.resolve_data_dir(source_cfg.data_dir)
+            if name not in files:
+                get_trace_task(name) if data.source == "trace" else get_dataset(name)
+        if data.source == "json" and set(names) - set(files):
+            sources.resolve_data_dir(source_cfg.data_dir)  # a missing root is no dataset to skip
         tasks = []
         for name in names:
             try:
-                tasks.append(sources.load_task(name, source_cfg))
+                if name in files:
+                    tasks.append(file_task(name, files[name], source_cfg, render))
+                elif data.source == "trace":
+                    tasks.append(trace_task(name, source_cfg, render))
+                else:
+                    tasks.append(sources.load_task(name, source_cfg))
             except FileNotFoundError as err:
                 if data.missing != "skip":
                     raise
@@ -116,11 +136,9 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         if not tasks:
             raise FileNotFoundError(f"data.missing=skip left no dataset of {data.order!r}")
     else:
-        raise ConfigError(f"data.source={data.source!r}; valid: synthetic, json, tfds")
-    if data.tokenizer == "bpe":
+        raise ConfigError(f"data.source={data.source!r}; valid: synthetic, json, tfds, trace")
+    if tokenizer is None:
         tokenizer = batching.task_tokenizer(tasks, vocab_size=data.tokenizer_vocab_size)
-    else:
-        tokenizer = batching.load_tokenizer(data.tokenizer)
 
     def encode(task: sources.TaskData, examples: Sequence[sources.Example]) -> EncodedSplit:
         return batching.encode_split(
@@ -142,6 +160,53 @@ def load_benchmark_data(cfg: Config) -> Benchmark:
         metadata=tuple(t.metadata for t in tasks),
         skipped=tuple(skipped),
     )
+
+
+def load_general_sets(
+    cfg: Config, tokenizer: TextTokenizer, order: Sequence[str]
+) -> tuple[GeneralSet, ...]:
+    """The ``eval.general`` sets: files, or benchmark datasets named by their name (none
+    of ``order``, the run's tasks: a general set is held out from training)."""
+    data = cfg.data
+    limits = {
+        "max_source_tokens": data.max_source_length,
+        "max_target_tokens": data.max_target_length,
+    }
+    sets = []
+    for entry in cfg.eval.general:
+        if Path(entry).is_file():
+            sets.append(load_general_set(entry, tokenizer, **limits))
+            continue
+        if entry not in DATASETS:
+            raise ConfigError(
+                f"eval.general: {entry!r} is neither a file nor a benchmark dataset"
+                f" ({', '.join(DATASETS)})"
+            )
+        if entry in order:
+            raise ConfigError(
+                f"eval.general: {entry!r} is a task of data.order, trained on: not a held-out"
+                " general ability"
+            )
+        source = sources.SourceConfig(
+            source="tfds" if data.source == "tfds" else "json",
+            data_dir=None if data.source == "trace" else data.data_dir or None,
+            tfds_data_dir=data.tfds_data_dir or None,
+            test_per_class=data.test_per_class or None,
+            seed=data.seed,
+            holdout_fraction=data.holdout_fraction or None,
+        )
+        task = sources.load_task(entry, source)
+        sets.append(benchmark_general_set(task, tokenizer, **limits))
+    return tuple(sets)
+
+
+def _expand_order(names: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """A lone published order name (``order3``; ``trace`` for TRACE) as its task names."""
+    if len(names) != 1:
+        return names
+    if source == "trace":
+        return TRACE_ORDER if names[0] == "trace" else names
+    return get_order(names[0]) if names[0].startswith("order") else names
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -197,7 +262,7 @@ def make_train_step(
         if lora.lora_modules(model):
             lora.reseed_dropout(model, key)
         loss = family.loss(model, batch)
-        extra = method.penalty(model, arrays)
+        extra = method.penalty(model, arrays, batch)
         return (loss if extra is None else loss + extra), loss
 
     def step(params, opt_state, rest, batch, key, arrays):
@@ -326,6 +391,8 @@ class Position:
     step: int = 0  # optimizer steps done in this phase
     phase_done: bool = False  # trained, end_task run, evaluated
     global_step: int = 0
+    # eval.general scores: row 0 the base model, row t + 1 after phase t (None: no sets)
+    general: list[list[float]] | None = None
 
     def record(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -343,6 +410,45 @@ class Position:
 
 
 # --------------------------------------------------------------------------- the run
+
+
+class _PhaseMeter:
+    """A phase's logging: the step log (JSONL, TensorBoard, the finiteness check), the
+    progress display, tokens per second and the learning rate of each step."""
+
+    def __init__(self, run: ContinualRun, ckpt: RunCheckpointer, pos: Position, total: int):
+        self.run, self.ckpt, self.pos = run, ckpt, pos
+        self.name = run._phase_name(pos.phase)
+        self.steplog = StepLog(run.run_dir, run.main_process, run._purge_step)
+        run._purge_step = None
+        self.progress = Progress(total, pos.step, self.name, run.cfg.run.progress, run.log)
+        self.schedule = learning_rate_schedule(run.cfg, total)
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def step(self, stats: Any) -> None:
+        """Log one optimizer step (``pos`` already counts it); stops the run with the
+        task and step named when the loss is not finite."""
+        pos, seconds = self.pos, time.perf_counter() - self.started
+        loss = self.steplog.step(
+            stats,
+            where=f"task {self.name!r} (phase {pos.phase})",
+            checkpoints=self.ckpt.directory,
+            last_checkpoint=self.ckpt.latest_step(),
+            step=pos.step,
+            global_step=pos.global_step,
+            learning_rate=float(self.schedule(pos.step - 1)),
+            tokens_per_s=self.tokens / max(seconds, 1e-9),
+            seconds=seconds,
+            loss_tag=f"loss/{self.name}",
+            phase=pos.phase,
+            task=self.name,
+        )
+        self.progress.update(loss)
+
+    def close(self) -> None:
+        self.progress.close()
+        self.steplog.close()
 
 
 class ContinualRun:
@@ -381,6 +487,7 @@ class ContinualRun:
             cfg, parallel.data_parallel_size(self.mesh, self.rules)
         )
         self.data = load_benchmark_data(cfg)
+        self.general = load_general_sets(cfg, self.data.tokenizer, self.data.names)
         for entry in self.data.skipped:
             self.log(f"data.missing=skip: left out {entry['dataset']} ({entry['reason']})")
         self._build_state()
@@ -436,11 +543,19 @@ class ContinualRun:
 
     def _check_buckets(self) -> None:
         """With explicit ``data.length_buckets``, every row must fit the largest one:
-        checked now rather than when the first long batch comes up."""
+        checked now rather than when the first long batch comes up. Rows are training
+        rows, and the prompt + option rows that rank scoring and multiple-choice
+        general sets score."""
         if not self.cfg.data.length_buckets:
             return
         largest = max(self.cfg.data.length_buckets)
-        for name, split in zip(self.data.names, self.data.train, strict=True):
+        scored = list(zip(self.data.names, self.data.train, strict=True))
+        if self.cfg.eval.mode == "rank":  # each test prompt with its longest option
+            for name, split in zip(self.data.names, self.data.test, strict=True):
+                option = max(split.option_ids, key=len)
+                scored.append((name, dataclasses.replace(split, answers=(option,) * len(split))))
+        scored += [(g.name, g.choice_rows()[0]) for g in self.general if g.kind == "choice"]
+        for name, split in scored:
             fmt = self.family.format
             longest = int(
                 batching.sequence_lengths(split, self.data.tokenizer, fmt, train=True).max()
@@ -452,6 +567,18 @@ class ContinualRun:
                 )
 
     # -- evaluation ------------------------------------------------------------------
+    def _score_fn(self) -> Callable[[Batch], np.ndarray]:
+        """The model's summed answer log-likelihood per row of a host batch (jitted once
+        per model structure)."""
+        graphdef, state = nnx.split(self.model)
+        if graphdef not in self._rank_fns:
+            family = self.family
+            self._rank_fns[graphdef] = jax.jit(
+                lambda s, b: family.answer_logprob(nnx.merge(graphdef, s), b)
+            )
+        score = self._rank_fns[graphdef]
+        return lambda b: parallel.to_host(score(state, device_batch(b, self.mesh, self.rules)))
+
     def evaluate_task(self, i: int) -> TaskScore:
         ev = self.cfg.eval
         self.model.eval()
@@ -465,15 +592,8 @@ class ContinualRun:
                     batch_size=ev.batch_size,
                     max_new_tokens=ev.max_new_tokens,
                 )
-            graphdef, state = nnx.split(self.model)
-            if graphdef not in self._rank_fns:
-                family = self.family
-                self._rank_fns[graphdef] = jax.jit(
-                    lambda s, b: family.answer_logprob(nnx.merge(graphdef, s), b)
-                )
-            score = self._rank_fns[graphdef]
             return evaluate_rank(
-                lambda b: parallel.to_host(score(state, device_batch(b, self.mesh, self.rules))),
+                self._score_fn(),
                 self.data.test[i],
                 self.data.tokenizer,
                 dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
@@ -481,16 +601,43 @@ class ContinualRun:
         finally:
             self.model.train()
 
+    def evaluate_general(self) -> list[float]:
+        """The score of every ``eval.general`` set (see ``cljax.cl.general``)."""
+        ev = self.cfg.eval
+        scores = []
+        self.model.eval()
+        try:
+            for general in self.general:
+                if general.kind == "number":
+                    result = evaluate_generate(
+                        self.family,
+                        self.model,
+                        general.split,
+                        self.data.tokenizer,
+                        batch_size=ev.batch_size,
+                        max_new_tokens=ev.max_new_tokens,
+                    )
+                else:
+                    result = evaluate_choices(
+                        self._score_fn(),
+                        general,
+                        self.data.tokenizer,
+                        dataclasses.replace(self.batch_config, batch_size=ev.batch_size),
+                    )
+                self.log(f"  general {general.name}: {result}")
+                scores.append(result.score)
+        finally:
+            self.model.train()
+        return scores
+
     def evaluate_row(self, seen: int) -> np.ndarray:
         """Accuracy on every task (``eval.all_tasks``) or on the first ``seen``."""
         upto = len(self.data.names) if self.cfg.eval.all_tasks else seen
         row = np.full(len(self.data.names), np.nan)
         for i in range(upto):
             score = self.evaluate_task(i)
-            row[i] = score.accuracy
-            self.log(
-                f"  {self.data.names[i]}: {score.accuracy:.2f} ({score.correct}/{score.total})"
-            )
+            row[i] = score.score
+            self.log(f"  {self.data.names[i]}: {score}")
         return row
 
     # -- checkpoints -------------------------------------------------------------------
@@ -584,6 +731,9 @@ class ContinualRun:
             if self.cfg.eval.all_tasks and not method.joint:
                 self.log("untrained model (for forward transfer):")
                 pos.base = [float(v) for v in self.evaluate_row(len(names))]
+            if self.general:
+                self.log("untrained model, general ability:")
+                pos.general = [self.evaluate_general()]
             start = 0
         else:
             record = ckpt.read_record(latest)
@@ -616,6 +766,8 @@ class ContinualRun:
             if method.keeps_task_models:  # each earlier task keeps its own model
                 row[:phase] = np.diag(pos.accuracy)[:phase]
             pos.accuracy[phase] = row
+            if self.general:
+                pos.general = [*pos.general[: phase + 1], self.evaluate_general()]
             pos.phase_done = True
             # The evaluation is logged before the checkpoint that holds it: a kill in
             # between resumes from the previous checkpoint, which drops it and logs it anew.
@@ -700,6 +852,10 @@ class ContinualRun:
             accuracy=pos.accuracy,
             base=pos.base,
             test_sizes=[len(s) for s in self.data.test],
+            task_metrics=[s.spec.metric for s in self.data.test],
+            general=None
+            if pos.general is None
+            else {"sets": [g.name for g in self.general], "scores": pos.general},
         )
         if report.completed_rows(pos.accuracy):
             report.plot_run(self.run_dir)
@@ -714,8 +870,51 @@ class ContinualRun:
     ) -> PyTree:
         """Train one phase from ``pos.step`` on; returns the optimizer state that
         ``end_task`` hands to the next phase."""
-        cfg, method, phase = self.cfg, self.method, pos.phase
-        name = self._phase_name(phase)
+        method, phase, accum = self.method, pos.phase, self.cfg.train.grad_accum_steps
+        split, total, step_fn, params, rest, opt_state = self._begin_phase(
+            ckpt, pos, carried, resume_step
+        )
+        key = jax.random.fold_in(jax.random.key(self.cfg.train.seed), phase)
+        meter = _PhaseMeter(self, ckpt, pos, total)
+        try:
+            for micro, batch in self._micro_batches(split, phase, pos.step * accum, total * accum):
+                params, opt_state, stats = step_fn(
+                    params,
+                    opt_state,
+                    rest,
+                    device_batch(batch, self.mesh, self.rules, per_process=True),
+                    jax.random.fold_in(key, micro),
+                    method.arrays,
+                )
+                meter.tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
+                if (micro + 1) % accum:
+                    continue  # accumulating: no optimizer step yet
+                pos.step += 1
+                pos.global_step += 1
+                meter.step(stats)
+                every = self.cfg.run.checkpoint_every_steps
+                if every and pos.step % every == 0 and pos.step < total:
+                    nnx.update(self.model, params, rest)
+                    # the log holds every step up to the checkpoint, and no more on
+                    # resume (``drop_log_after``)
+                    meter.steplog.checkpointed()
+                    ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
+        finally:
+            meter.close()
+        nnx.update(self.model, params, rest)
+        return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+
+    def _begin_phase(
+        self,
+        ckpt: RunCheckpointer,
+        pos: Position,
+        carried: PyTree | None,
+        resume_step: int | None,
+    ) -> tuple[EncodedSplit, int, Callable, PyTree, PyTree, PyTree]:
+        """The method's per-task work, then the phase's training split, its optimizer
+        steps, the compiled step, the trained and other state, and the optimizer state
+        (carried from the previous phase, fresh, or restored mid-phase)."""
+        method, phase = self.method, pos.phase
         # New structure (a LoRA pair of this task) is placed on the mesh like the rest.
         parallel.shard_module(self.model, self.mesh, self.rules)
         method.begin_task(phase, self.model, lambda: self._calibration(phase))
@@ -732,73 +931,31 @@ class ContinualRun:
         if resume_step is not None:
             opt_state = self._restore(ckpt, resume_step, opt_state)
             self._place_method_arrays()
-        graphdef, params, rest = nnx.split(self.model, method.trainable(), ...)
+        _, params, rest = nnx.split(self.model, method.trainable(), ...)
+        return split, total, step_fn, params, rest, opt_state
 
-        accum = cfg.train.grad_accum_steps
+    def _micro_batches(
+        self, split: EncodedSplit, phase: int, start: int, stop: int
+    ) -> Iterator[tuple[int, Batch]]:
+        """``(index, batch)`` for micro-batches ``start`` to ``stop - 1`` of the phase,
+        through as many epochs as it takes (deterministic, so a resumed run continues
+        the same stream)."""
         per_epoch = batching.num_batches(len(split), self.batch_config)
-        micro, total_micro = pos.step * accum, total * accum
-        key = jax.random.fold_in(jax.random.key(cfg.train.seed), phase)
-        steplog = StepLog(self.run_dir, self.main_process, self._purge_step)
-        self._purge_step = None
-        progress = Progress(total, pos.step, name, cfg.run.progress, self.log)
-        schedule = learning_rate_schedule(cfg, total)
-        tokens = 0
-        started = time.perf_counter()
-        try:
-            while micro < total_micro:
-                epoch, offset = divmod(micro, per_epoch)
-                for batch in batching.train_batches(
-                    split,
-                    self.data.tokenizer,
-                    self.train_batch_config,
-                    epoch=epoch,
-                    seed=cfg.data.seed + 1000 * phase,
-                    start_step=offset,
-                ):
-                    if micro >= total_micro:
-                        break
-                    params, opt_state, stats = step_fn(
-                        params,
-                        opt_state,
-                        rest,
-                        device_batch(batch, self.mesh, self.rules, per_process=True),
-                        jax.random.fold_in(key, micro),
-                        method.arrays,
-                    )
-                    tokens += int(np.sum(batch.attention_mask)) * jax.process_count()
-                    micro += 1
-                    if micro % accum:
-                        continue
-                    pos.step += 1
-                    pos.global_step += 1
-                    seconds = time.perf_counter() - started
-                    loss = steplog.step(
-                        stats,
-                        where=f"task {name!r} (phase {phase})",
-                        checkpoints=ckpt.directory,
-                        last_checkpoint=ckpt.latest_step(),
-                        step=pos.step,
-                        global_step=pos.global_step,
-                        learning_rate=float(schedule(pos.step - 1)),
-                        tokens_per_s=tokens / max(seconds, 1e-9),
-                        seconds=seconds,
-                        loss_tag=f"loss/{name}",
-                        phase=phase,
-                        task=name,
-                    )
-                    progress.update(loss)
-                    every = cfg.run.checkpoint_every_steps
-                    if every and pos.step % every == 0 and pos.step < total:
-                        nnx.update(self.model, params, rest)
-                        # the log holds every step up to the checkpoint, and no more on
-                        # resume (``drop_log_after``)
-                        steplog.checkpointed()
-                        ckpt.save(pos.global_step, self._state(opt_state), self._record(pos))
-        finally:
-            progress.close()
-            steplog.close()
-        nnx.update(self.model, params, rest)
-        return method.end_task(phase, self.model, opt_state, lambda: self._fisher(split, phase))
+        micro = start
+        while micro < stop:
+            epoch, offset = divmod(micro, per_epoch)
+            for batch in batching.train_batches(
+                split,
+                self.data.tokenizer,
+                self.train_batch_config,
+                epoch=epoch,
+                seed=self.cfg.data.seed + 1000 * phase,
+                start_step=offset,
+            ):
+                if micro >= stop:
+                    return
+                yield micro, batch
+                micro += 1
 
     def _place_method_arrays(self) -> None:
         """The method's arrays (anchors, Fisher) split like the parameters they belong to."""
@@ -807,12 +964,17 @@ class ContinualRun:
         self.method.arrays = jax.device_put(self.method.arrays, shardings)
 
     def _calibration(self, phase: int) -> list[Batch]:
-        """A few training batches of the previous task (OSF's importance rule)."""
-        if phase == 0 or self.method.joint:
+        """The training batches the method's ``needs()`` asks for at the start of a phase:
+        of the previous task (none before the first) or of the current one."""
+        needs = self.method.needs()
+        task = phase - 1 if needs.calibration_task == "previous" else phase
+        if needs.calibration == 0 or task < 0 or self.method.joint:
             return []
-        n = int(getattr(self.method.opts, "calibration_batches", 8))
         return self._first_batches(
-            self.data.train[phase - 1], self.batch_config, self.cfg.data.seed + 11 * phase, n
+            self.data.train[task],
+            self.batch_config,
+            self.cfg.data.seed + 11 * phase,
+            needs.calibration,
         )
 
     def _first_batches(
@@ -823,9 +985,11 @@ class ContinualRun:
         return [b for _, b in zip(range(n), batches, strict=False)]
 
     def _fisher(self, split: EncodedSplit, phase: int) -> PyTree:
-        """Diagonal Fisher of the parameters on ``fisher_batches`` batches of the task,
+        """Diagonal Fisher of the parameters on the ``needs().fisher`` batches of the task,
         all padded to one shape so that the squared gradients are taken in one scan."""
-        n = int(getattr(self.method.opts, "fisher_batches", 8))
+        n = self.method.needs().fisher
+        if n == 0:
+            raise ValueError(f"method {self.method.name!r} asked for a Fisher without batches")
         lengths = batching.sequence_lengths(
             split, self.data.tokenizer, self.family.format, train=True
         )

@@ -8,13 +8,18 @@ loop calls, in this order:
   the restored arrays find the same structure.
 - ``begin_task(t, model, calibration)``: per-task computations from the current weights
   (OSF's SVD bases, the anchors of EWC / L2) kept in ``self.arrays`` or in the
-  optimizer; ``calibration()`` yields a few training batches of the previous task.
+  optimizer; ``calibration()`` yields the training batches that ``needs()`` asks for.
 - ``optimizer(t, model, learning_rate)``: the optax transform and the NNX filter of the
   trained variables. Clipping and gradient accumulation are the loop's.
-- ``penalty(model, arrays)``: an extra loss term (O-LoRA, EWC, L2), pure, inside jit.
-- ``end_task(t, model, opt_state, fisher_batches)``: e.g. GORP grows its shared space,
-  EWC accumulates its Fisher; returns the optimizer state carried to the next task
-  (only for methods with ``carries_optimizer_state``).
+- ``penalty(model, arrays, batch)``: an extra loss term (O-LoRA, EWC, L2, LwF), pure,
+  inside jit.
+- ``end_task(t, model, opt_state, fisher)``: e.g. GORP grows its shared space, EWC
+  accumulates its Fisher (``fisher()``, on the batches ``needs()`` asks for); returns
+  the optimizer state carried to the next task (only for methods with
+  ``carries_optimizer_state``).
+
+What a method needs from the loop beyond the weights it declares in ``needs()``
+(:class:`Needs`): the loop never reads a method's option names.
 - ``train_split(t, splits)``: the training stream of task t (Replay mixes its buffer in).
 
 Hyperparameter defaults follow docs/methods.md and protocol.md (T5-large runs); every
@@ -25,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, ClassVar
 
@@ -46,15 +50,40 @@ from cljax.optim import regularizers
 from cljax.optim.galore import MOMENT_MODES, resolve_targets
 from cljax.optim.osf import osf, osf_bases, select_targets
 from cljax.optim.subspace import (
+    grow_basis,
     mean_cosine,
     normalise_importance,
     ranks_from_importance,
     schedule_rank,
 )
+from cljax.paths import param_filter
 
 Filter = Any
 PyTree = Any
 Calibration = Callable[[], Iterable[Batch]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+    """What a method asks the loop for at task boundaries.
+
+    Attributes:
+      calibration: training batches handed to ``begin_task`` (0: none).
+      calibration_task: whose batches: the ``"previous"`` task's (OSF's layer importance)
+        or the ``"current"`` one's (an input subspace of the task about to be trained).
+      fisher: training batches of the task just trained on which ``end_task``'s
+        ``fisher()`` estimates the diagonal Fisher (0: none).
+    """
+
+    calibration: int = 0
+    calibration_task: str = "previous"
+    fisher: int = 0
+
+    def __post_init__(self) -> None:
+        if self.calibration_task not in ("previous", "current"):
+            raise ValueError(
+                f"Needs.calibration_task={self.calibration_task!r}: previous or current"
+            )
 
 
 def layer_importance(
@@ -123,6 +152,8 @@ class Method:
     keeps_task_models: ClassVar[bool] = False
     #: the optimizer state survives task boundaries (GORP's shared space lives in it).
     carries_optimizer_state: ClassVar[bool] = False
+    #: trains LoRA adapters (published settings give these the LoRA learning rate)
+    uses_lora: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any], family: Family, *, weight_decay: float, seed: int):
         self.opts = build_options(self.Options, options, "method.options", f"method {self.name!r}")
@@ -147,9 +178,14 @@ class Method:
         """Take back what ``record`` saved, before the interrupted task's ``begin_task``."""
 
     # -- per task ----------------------------------------------------------------
+    def needs(self) -> Needs:
+        """What this method asks the loop for (:class:`Needs`): nothing by default."""
+        return Needs()
+
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         """Per-task computations from the weights at the start of task t;
-        ``calibration()`` yields a few training batches of task t - 1 (t > 0)."""
+        ``calibration()`` yields the batches of ``needs().calibration`` (none for the
+        previous task when t = 0)."""
 
     def trainable(self) -> Filter:
         return nnx.Param
@@ -166,8 +202,10 @@ class Method:
         reuse (the transform holds per-task data)."""
         return self.name
 
-    def penalty(self, model: nnx.Module, arrays: dict[str, PyTree]) -> jax.Array | None:
-        """Extra loss term (None: the method has none)."""
+    def penalty(
+        self, model: nnx.Module, arrays: dict[str, PyTree], batch: Batch
+    ) -> jax.Array | None:
+        """Extra loss term on this batch (None: the method has none)."""
         return None
 
     def end_task(
@@ -310,6 +348,11 @@ class OSF(Method):
         with _option_error("targets", self.name):
             select_targets(nnx.state(model, nnx.Param), self.targets)
 
+    def needs(self) -> Needs:
+        # the importance rule measures the layers on the previous task's batches
+        importance = self.opts.rank_rule == "importance"
+        return Needs(calibration=self.opts.calibration_batches if importance else 0)
+
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         self.bases = None
         if t > 0:
@@ -362,11 +405,7 @@ class OSF(Method):
         if self.opts.untargeted == "train":
             return nnx.Param
         # Frozen untargeted parameters get no gradient at all (not a zeroed one).
-        patterns = self.targets
-        return lambda path, value: (
-            isinstance(value, nnx.Param)
-            and any(re.search(p, "/".join(map(str, path))) for p in patterns)
-        )
+        return param_filter(self.targets, nnx.Param)
 
     def optimizer(self, t, params, learning_rate):
         if self.bases is None:  # task 1: k = 0, plain AdamW
@@ -395,9 +434,11 @@ class EWCOptions:
 
 
 class _Anchored(Method):
-    """Full fine-tuning with a quadratic pull towards the previous task's weights."""
+    """Full fine-tuning with a pull towards the previous task's weights (``anchor``)."""
 
     Options = L2Options
+    #: keep ``arrays["active"]``: 0 on the first task (no previous weights), 1 after
+    gated: ClassVar[bool] = False
 
     def begin_task(self, t: int, model: nnx.Module, calibration: Calibration) -> None:
         if t > 0:
@@ -405,6 +446,8 @@ class _Anchored(Method):
         elif "anchor" not in self.arrays:
             # Same structure from the start, so a checkpoint restores into it.
             self.arrays["anchor"] = _param_arrays(model)
+        if self.gated:
+            self.arrays["active"] = jnp.asarray(float(t > 0))
 
     def _params(self, model: nnx.Module) -> PyTree:
         return nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -416,18 +459,15 @@ class L2(_Anchored):
 
     name = "l2"
     paper = "L2 pull to the previous task's weights: Wang et al., EMNLP Findings 2023"
+    gated = True
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         active = jnp.asarray(arrays["active"], jnp.float32)
         return (
             active
             * self.opts.strength
             * regularizers.l2_to_anchor(self._params(model), arrays["anchor"])
         )
-
-    def begin_task(self, t, model, calibration):
-        super().begin_task(t, model, calibration)
-        self.arrays["active"] = jnp.asarray(float(t > 0))
 
 
 @register
@@ -439,10 +479,13 @@ class EWC(_Anchored):
     paper = "elastic weight consolidation: Kirkpatrick et al., PNAS 2017"
     Options = EWCOptions
 
+    def needs(self) -> Needs:
+        return Needs(fisher=self.opts.fisher_batches)
+
     def setup(self, model, rngs):
         self.arrays["fisher"] = jax.tree.map(jnp.zeros_like, _param_arrays(model))
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         return self.opts.strength * regularizers.ewc_penalty(
             self._params(model), arrays["anchor"], arrays["fisher"]
         )
@@ -453,6 +496,43 @@ class EWC(_Anchored):
 
 
 # --------------------------------------------------------------------------- LoRA family
+
+
+@dataclasses.dataclass(frozen=True)
+class LwFOptions:
+    weight: float = field(1.0, "weight of the distillation term", minimum=0.0)
+    temperature: float = field(2.0, "softmax temperature of both distributions", positive=True)
+
+
+@register
+class LwF(_Anchored):
+    """Learning without Forgetting for language models: from task 2 on, the model as it
+    ended the previous task (its weights kept as the anchor, no optimizer state) scores
+    each training batch, and ``weight * T^2 * KL(old || new)`` of the next-token
+    distributions over the prompt and answer positions joins the loss."""
+
+    name = "lwf"
+    paper = "learning without forgetting: Li and Hoiem, ECCV 2016 / TPAMI 2017"
+    Options = LwFOptions
+    gated = True
+
+    def penalty(self, model, arrays, batch):
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        teacher_params = jax.tree.map(lambda x: x, params)  # a new State to fill in place
+        nnx.replace_by_pure_dict(teacher_params, arrays["anchor"])
+        teacher = nnx.merge(graphdef, teacher_params, rest)
+        mask = (
+            batch.attention_mask
+            if batch.decoder_attention_mask is None
+            else batch.decoder_attention_mask
+        )
+        kl = regularizers.distillation_kl(
+            self.family.logits(teacher, batch),
+            self.family.logits(model, batch),
+            mask,
+            self.opts.temperature,
+        )
+        return jnp.asarray(arrays["active"], jnp.float32) * self.opts.weight * kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,6 +587,7 @@ class GORPOptions(LoRAOptions):
 
 class _LoRAMethod(Method):
     Options: ClassVar[type] = LoRAOptions
+    uses_lora = True
     new_pair_per_task: ClassVar[bool] = True
 
     def setup(self, model, rngs):
@@ -559,7 +640,7 @@ class OLoRA(_LoRAMethod):
     paper = "O-LoRA, orthogonal LoRA pairs: Wang et al., EMNLP Findings 2023"
     Options = OLoRAOptions
 
-    def penalty(self, model, arrays):
+    def penalty(self, model, arrays, batch):
         pairs = [(m.past_a[...], m.lora_a[...], m.lora_b[...]) for _, m in lora.lora_modules(model)]
         return regularizers.olora_penalty(
             pairs,
@@ -567,6 +648,119 @@ class OLoRA(_LoRAMethod):
             lambda2=self.opts.lambda2,
             squared=self.opts.squared,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class InfLoRAOptions(LoRAOptions):
+    threshold: float = field(
+        0.97,
+        "energy of each task's adapter inputs that the stored input subspace keeps (GPM's rule)",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    calibration_batches: int = field(
+        8, "batches of the current task whose adapter inputs design A_t", positive=True
+    )
+
+
+def _stack_mask(path: str, masks: dict[str, Any], batch: Batch, shape: tuple) -> jax.Array:
+    """The real-token mask (B, T) of an adapter input of ``shape`` (B, T, d): its layer
+    stack's, else the batch's mask of that length (T5's cross-attention keys and values
+    read the encoder's tokens)."""
+    own = [m for stack, m in masks.items() if path.startswith(stack + "/")]
+    others = [batch.attention_mask, batch.decoder_attention_mask]
+    for mask in [*own, *others]:
+        if mask is not None and tuple(mask.shape) == tuple(shape[:-1]):
+            return jnp.asarray(mask, jnp.float32)
+    raise ValueError(f"no token mask of shape {shape[:-1]} for the inputs of {path!r}")
+
+
+@register
+class InfLoRA(_LoRAMethod):
+    """Interference-free LoRA: each task's ``A_t`` is fixed, not trained, to the top
+    directions of that task's adapter inputs outside the subspace of earlier tasks'
+    inputs, so inputs of earlier tasks never reach the new pair; only ``B_t`` trains.
+    After each task its inputs grow the stored subspace by GPM's energy rule."""
+
+    name = "inflora"
+    paper = "InfLoRA, interference-free LoRA: Liang and Li, CVPR 2024"
+    Options = InfLoRAOptions
+
+    def needs(self) -> Needs:
+        return Needs(calibration=self.opts.calibration_batches, calibration_task="current")
+
+    def setup(self, model, rngs):
+        super().setup(model, rngs)
+        # per adapter: the stored input subspace (..., d_in, d_in), zero-padded, and the
+        # number of its columns in use (...,)
+        self.arrays["space"], self.arrays["used"] = {}, {}
+        for path, m in lora.lora_modules(model):
+            *stack, d_in, _ = m.lora_a.shape
+            self.arrays["space"][path] = jnp.zeros((*stack, d_in, d_in), jnp.float32)
+            self.arrays["used"][path] = jnp.zeros(tuple(stack), jnp.int32)
+        self._covariances: dict[str, jax.Array] = {}
+
+    def trainable(self):
+        return param_filter(r"lora_b$", lora.LoRAParam)
+
+    def _input_covariances(self, model: nnx.Module, batches: Iterable[Batch]) -> dict:
+        """``{adapter path: sum of x x^T over the real tokens (calls, d_in, d_in)}``, one
+        entry per call of a forward pass (the layers of a stack)."""
+        sums: dict[str, jax.Array] = {}
+        for batch in batches:
+            with record_layers(), lora.record_inputs() as records:
+                self.family.logits(model, batch)
+            masks = self.family.layer_masks(batch)
+            for path, calls in records.items():
+                per_call = []
+                for x in calls:
+                    weight = _stack_mask(path, masks, batch, x.shape)[..., None]
+                    xf = x.astype(jnp.float32) * weight
+                    per_call.append(jnp.einsum("...td,...te->de", xf, xf))
+                # one call per layer of the stack, in order: (layers, d_in, d_in)
+                sums[path] = sums.get(path, 0) + jnp.stack(per_call)
+        if not sums:
+            raise ValueError("inflora: no calibration batch reached an adapter")
+        return sums
+
+    def begin_task(self, t, model, calibration):
+        was_training = not any(m.deterministic for _, m in lora.lora_modules(model))
+        model.eval()
+        try:
+            self._covariances = self._input_covariances(model, calibration())
+        finally:
+            if was_training:
+                model.train()
+        for path, m in lora.lora_modules(model):
+            cov = self._covariances[path].reshape(m.lora_a.shape[:-2] + (m.lora_a.shape[-2],) * 2)
+            space = self.arrays["space"][path]
+            outside = jnp.eye(cov.shape[-1]) - space @ jnp.swapaxes(space, -1, -2)
+            projected = outside @ cov @ outside
+            _, vectors = jnp.linalg.eigh(projected)  # ascending eigenvalues
+            top = vectors[..., ::-1][..., : m.rank]
+            # exactly outside the stored subspace, whatever eigh did with zero eigenvalues
+            a = outside @ top
+            m.lora_a = lora.LoRAParam(
+                a.astype(m.lora_a.dtype), out_sharding=m._a_axes, eager_sharding=False
+            )
+
+    def end_task(self, t, model, opt_state, fisher):
+        for path, cov in self._covariances.items():
+            space = self.arrays["space"][path]
+            cov = cov.reshape(space.shape)
+            values, vectors = jnp.linalg.eigh(cov)
+            # a (d, d) matrix with cov's left singular vectors and singular values sqrt(eig)
+            moment = vectors * jnp.sqrt(jnp.maximum(values, 0.0))[..., None, :]
+            grow = jax.vmap(grow_basis, in_axes=(0, 0, 0, None))
+            flat = grow(
+                moment.reshape(-1, *moment.shape[-2:]),
+                space.reshape(-1, *space.shape[-2:]),
+                self.arrays["used"][path].reshape(-1),
+                jnp.float32(self.opts.threshold),
+            )
+            self.arrays["space"][path] = flat[0].reshape(space.shape)
+            self.arrays["used"][path] = flat[1].reshape(self.arrays["used"][path].shape)
+        return opt_state
 
 
 @register
@@ -591,13 +785,7 @@ class GORP(_LoRAMethod):
             resolve_targets(params, self.full_targets, what="GORP full target")
 
     def trainable(self):
-        patterns = self.full_targets
-
-        def is_full(path, value):
-            name = "/".join(str(p) for p in path)
-            return isinstance(value, nnx.Param) and any(re.search(p, name) for p in patterns)
-
-        return lora.trainable_filter(is_full)
+        return lora.trainable_filter(param_filter(self.full_targets, nnx.Param))
 
     def optimizer(self, t, params, learning_rate):
         return gorp_lib.gorp(

@@ -2,8 +2,9 @@
 comparison of several runs (``cljax compare``).
 
 A run directory holds ``accuracy.json`` with the task names, the matrix (row t: after
-training task t; column i: task i; percent), the base model's accuracies and the
-test-set sizes. Everything else is derived from it, so ``compare`` reads only that file.
+training task t; column i: task i; each task's own metric, 0-100), the base model's
+scores, the test-set sizes and, with ``eval.general``, the general-ability scores along
+the sequence. Everything else is derived from it, so ``compare`` reads only that file.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ METRIC_COLUMNS = (
     ("FWT", "forward_transfer"),
     ("Forgetting", "forgetting"),
 )
+# shown when a run has eval.general sets: mean change of their scores from the base model
+GENERAL_COLUMN = ("General delta", "general_delta")
 
 
 def completed_rows(accuracy: np.ndarray) -> int:
@@ -51,10 +54,15 @@ def write_accuracy(
     accuracy: np.ndarray,
     base: Sequence[float] | None = None,
     test_sizes: Sequence[int] | None = None,
+    task_metrics: Sequence[str] | None = None,
+    general: dict[str, Any] | None = None,
 ) -> ContinualMetrics | None:
     """Write ``accuracy.json`` and ``accuracy.csv`` for a matrix (T, T) that may be
-    partial (rows of tasks not trained yet are NaN). Returns the metrics of the
-    completed rows, None if there are none."""
+    partial (rows of tasks not trained yet are NaN). Each entry is the task's own metric
+    (``task_metrics``, e.g. ``accuracy``, ``rouge_l``, ``sari``; all accuracy if None),
+    0-100. ``general`` is ``{"sets": names, "scores": rows}`` with row 0 the base model's
+    and row t + 1 after phase t. Returns the metrics of the completed rows, None if there
+    are none."""
     accuracy = np.asarray(accuracy, dtype=np.float64)
     done = completed_rows(accuracy)
     metrics = None
@@ -72,9 +80,19 @@ def write_accuracy(
         "accuracy": [[float(v) if math.isfinite(v) else None for v in row] for row in accuracy],
         "base": None if base is None else [float(b) for b in base],
         "test_sizes": None if test_sizes is None else [int(n) for n in test_sizes],
+        "task_metrics": list(task_metrics or ["accuracy"] * len(tasks)),
         "tasks_done": done,
         "metrics": None if metrics is None else metrics.as_dict(),
     }
+    if general is not None:
+        scores = np.asarray(general["scores"], dtype=np.float64)
+        record["general"] = {
+            "sets": list(general["sets"]),
+            "after": ["base", *_phase_names(tasks, accuracy)[: len(scores) - 1]],
+            "scores": scores.tolist(),
+        }
+        if record["metrics"] is not None and len(scores) > 1:
+            record["metrics"]["general_delta"] = float((scores[-1] - scores[0]).mean())
     (run_dir / ACCURACY_FILE).write_text(json.dumps(record, indent=2))
     with open(run_dir / "accuracy.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
@@ -159,13 +177,20 @@ def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _columns(metrics: Sequence[dict]) -> tuple[tuple[str, str], ...]:
+    """The metric columns, with the general-ability one when a run has it."""
+    general = any(m.get(GENERAL_COLUMN[1]) is not None for m in metrics)
+    return METRIC_COLUMNS + ((GENERAL_COLUMN,) if general else ())
+
+
 def metrics_table(rows: Sequence[tuple[str, ContinualMetrics | dict | None]]) -> str:
     """A fixed-width text table: one row per (name, metrics)."""
-    header = ["method", *(label for label, _ in METRIC_COLUMNS)]
+    values = [m.as_dict() if isinstance(m, ContinualMetrics) else (m or {}) for _, m in rows]
+    columns = _columns(values)
+    header = ["method", *(label for label, _ in columns)]
     body = []
-    for name, metrics in rows:
-        values = metrics.as_dict() if isinstance(metrics, ContinualMetrics) else (metrics or {})
-        body.append([name, *(_fmt(values.get(key)) for _, key in METRIC_COLUMNS)])
+    for (name, _), value in zip(rows, values, strict=True):
+        body.append([name, *(_fmt(value.get(key)) for _, key in columns)])
     widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)) for r in [header, *body]
@@ -202,20 +227,50 @@ def plot_run(run_dir: Path) -> list[Path]:
     fig.savefig(paths[0], dpi=100)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
     done = record["tasks_done"]
-    for i, task in enumerate(tasks):
-        ax.plot(range(done), acc[:done, i], marker="o", label=task)
-    ax.set_xticks(range(done), _phase_names(tasks, acc)[:done], rotation=45, ha="right")
+    _line_plot(
+        paths[1],
+        _phase_names(tasks, acc)[:done],
+        [(task, acc[:done, i]) for i, task in enumerate(tasks)],
+        f"{record['method']}: accuracy along the sequence",
+        "accuracy (%)",
+    )
+    if "general" in record:
+        general = record["general"]
+        scores = np.asarray(general["scores"], dtype=np.float64)
+        paths.append(Path(run_dir) / "general_ability.png")
+        _line_plot(
+            paths[-1],
+            general["after"],
+            [(name, scores[:, k]) for k, name in enumerate(general["sets"])],
+            f"{record['method']}: general ability along the sequence",
+            "score (%)",
+        )
+    return paths
+
+
+def _line_plot(
+    path: Path,
+    after: Sequence[str],
+    series: Sequence[tuple[str, np.ndarray]],
+    title: str,
+    ylabel: str,
+) -> None:
+    """One line per ``(name, values)``, values after each phase named in ``after``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in series:
+        ax.plot(range(len(after)), values, marker="o", label=name)
+    ax.set_xticks(range(len(after)), after, rotation=45, ha="right")
     ax.set_xlabel("after training on")
-    ax.set_ylabel("accuracy (%)")
+    ax.set_ylabel(ylabel)
     ax.set_ylim(0, 100)
-    ax.set_title(f"{record['method']}: accuracy along the sequence")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return paths
 
 
 def final_accuracies(
@@ -318,12 +373,13 @@ def mean_over_seeds(run_dirs: Sequence[Path]) -> str:
             return f"{kept[0]:.1f}"
         return f"{np.mean(kept):.1f} +- {np.std(kept):.1f}"
 
-    header = ["method", "runs", *(label for label, _ in METRIC_COLUMNS), *tasks]
+    columns = _columns([rec.get("metrics") or {} for _, rec in records])
+    header = ["method", "runs", *(label for label, _ in columns), *tasks]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, members in groups.items():
         metrics = [records[k][1].get("metrics") or {} for k in members]
         row = [method, str(len(members))]
-        row += [cell([m.get(key) for m in metrics]) for _, key in METRIC_COLUMNS]
+        row += [cell([m.get(key) for m in metrics]) for _, key in columns]
         row += [cell(list(final[members, i])) for i in range(len(tasks))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)

@@ -36,16 +36,6 @@ def extract_answer(generated: str, marker: str = "Answer:") -> str:
     return generated if index < 0 else generated[index + len(marker) :]
 
 
-def exact_match(predictions: Sequence[str], labels: Sequence[str]) -> list[bool]:
-    """Per-item exact match after extraction and normalisation."""
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    return [
-        normalize_answer(extract_answer(p)) == normalize_answer(label)
-        for p, label in zip(predictions, labels, strict=True)
-    ]
-
-
 # --------------------------------------------------------------------------- free text
 
 Metric = Callable[[Sequence[str], Sequence[str], Sequence[str]], float]
@@ -182,10 +172,19 @@ def first_number(text: str) -> str:
     return str(int(value)) if value.is_integer() else repr(value)
 
 
+def last_number(text: str) -> str:
+    """The last number in ``text`` in the canonical form of :func:`first_number`: a
+    worked answer's result (GSM8K's ``#### 42``)."""
+    found = _NUMBER.findall(text.replace(",", ""))
+    return first_number(found[-1]) if found else ""
+
+
 EXTRACTORS: dict[str, Callable[[str], str]] = {
+    "label": lambda text: normalize_answer(extract_answer(text)),  # the protocol's
     "text": lambda text: text,
     "first_letter": first_letter,
     "first_number": first_number,
+    "last_number": last_number,
 }
 
 

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import tokenizers
@@ -66,6 +66,8 @@ class TextTokenizer:
     eos_id: int
     pad_id: int
     path: str
+    #: the ``transformers`` tokenizer, for its chat template (None: trained here, no template)
+    hf: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def vocab_size(self) -> int:
@@ -78,6 +80,24 @@ class TextTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         """Text of ``ids``, special tokens skipped."""
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def render_chat(self, turns: Sequence[tuple[str, str]]) -> str:
+        """``turns`` (``(role, content)``, ending before an assistant answer) through the
+        tokenizer's own chat template, with the generation prompt. A leading bos token the
+        template writes is dropped: the batches add bos themselves."""
+        template = getattr(self.hf, "chat_template", None)
+        if not template:
+            raise DataError(
+                f"tokenizer {self.path}: has no chat_template (data.chat_template=True needs"
+                " one in tokenizer_config.json or chat_template.jinja)"
+            )
+        text = self.hf.apply_chat_template(
+            [{"role": role, "content": content} for role, content in turns],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        bos = self.hf.bos_token
+        return text[len(bos) :] if bos and text.startswith(bos) else text
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
@@ -95,7 +115,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> TextTokenizer:
     if hf.eos_token_id is None:
         raise DataError(f"tokenizer {path}: has no eos token, which ends every target")
     pad = hf.pad_token_id if hf.pad_token_id is not None else hf.eos_token_id
-    return TextTokenizer(backend, hf.bos_token_id, hf.eos_token_id, pad, str(path))
+    return TextTokenizer(backend, hf.bos_token_id, hf.eos_token_id, pad, str(path), hf)
 
 
 def default_cache_dir() -> Path:
@@ -158,9 +178,11 @@ def task_tokenizer(
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> TextTokenizer:
     """A small tokenizer for the given tasks (e.g. the synthetic benchmark): byte-level BPE
-    trained on their training prompts and option strings (``train_tokenizer``)."""
+    trained on their training prompts, option strings and free-text answers
+    (``train_tokenizer``)."""
     texts = [build_prompt(t.spec, ex.sentence) for t in tasks for ex in t.train]
     texts += [option for t in tasks for option in t.spec.options]
+    texts += [ex.label for t in tasks if t.spec.generative for ex in t.train]
     return train_tokenizer(texts, vocab_size, cache_dir)
 
 
@@ -176,6 +198,8 @@ class EncodedSplit:
       prompts: per example, int32 (P_i,) prompt tokens (no specials), P_i <= max_source - 1.
       answers: per example, int32 (A_i,) label tokens (no eos), A_i <= max_target - 1.
       labels: per example, the gold label string (what generation is scored against).
+      sources: per example, its sentence (a free-text task's whole prompt): the source
+        text that SARI scores an output against.
       option_ids: per option of ``spec``, its int32 token ids (for rank classification).
       n_truncated_prompts / n_truncated_answers: how many were cut to fit.
     """
@@ -184,6 +208,7 @@ class EncodedSplit:
     prompts: tuple[np.ndarray, ...]
     answers: tuple[np.ndarray, ...]
     labels: tuple[str, ...]
+    sources: tuple[str, ...]
     option_ids: tuple[np.ndarray, ...]
     n_truncated_prompts: int
     n_truncated_answers: int
@@ -218,7 +243,8 @@ def encode_split(
     ``max_target_tokens - 1`` (plus eos). A prompt over budget is cut inside its sentence,
     keeping the head and ``"\\nAnswer:"`` (``"keep_answer"``) or cut at the budget like the
     released code (``"release"``). The tail is then re-encoded on its own, so a cut prompt
-    ends in exactly the tokens of ``"\\nAnswer:"``.
+    ends in exactly the tokens of ``"\\nAnswer:"``. A free-text prompt keeps its last line
+    (its own answer cue, e.g. ``"Summary: "``) the same way.
     """
     if truncation not in ("keep_answer", "release"):
         raise ValueError(f"truncation must be 'keep_answer' or 'release', got {truncation!r}")
@@ -238,25 +264,34 @@ def encode_split(
         for ex in examples
     ]
     encoded = tokenizer.encode(texts)
-    keep = prompt_budget
-    tail: list[int] = []
-    if truncation == "keep_answer" and any(len(ids) > prompt_budget for ids in encoded):
-        tail = tokenizer.encode([ANSWER_SUFFIX])[0]
-        head = prompt_head(spec, add_task_name=add_task_name, add_dataset_name=add_dataset_name)
-        head_len = len(tokenizer.encode([head])[0])
-        keep = prompt_budget - len(tail)
-        if keep < head_len:
-            raise ConfigError(
-                f"dataset {spec.name!r}: data.max_source_length={max_source_tokens} leaves no room "
-                f"for the sentence after the {head_len}-token prompt head and the "
-                f"{len(tail)}-token answer suffix"
-            )
-    prompts, n_cut = [], 0
-    for ids in encoded:
-        if len(ids) > prompt_budget:
-            n_cut += 1
-            ids = ids[:keep] + tail
+    over = [i for i, ids in enumerate(encoded) if len(ids) > prompt_budget]
+    if truncation == "release":
+        tails = dict.fromkeys(over, ())
+        keep = dict.fromkeys(over, prompt_budget)
+    elif spec.generative:
+        tails, keep = _free_text_tails(
+            spec, [texts[i] for i in over], over, tokenizer, prompt_budget
+        )
+    else:
+        tails, keep = {}, {}
+        if over:
+            tail = tokenizer.encode([ANSWER_SUFFIX])[0]
+            head = prompt_head(spec, add_task_name=add_task_name, add_dataset_name=add_dataset_name)
+            head_len = len(tokenizer.encode([head])[0])
+            if prompt_budget - len(tail) < head_len:
+                raise ConfigError(
+                    f"dataset {spec.name!r}: data.max_source_length={max_source_tokens} leaves no "
+                    f"room for the sentence after the {head_len}-token prompt head and the "
+                    f"{len(tail)}-token answer suffix"
+                )
+            tails = dict.fromkeys(over, tail)
+            keep = dict.fromkeys(over, prompt_budget - len(tail))
+    prompts = []
+    for i, ids in enumerate(encoded):
+        if i in tails:
+            ids = ids[: keep[i]] + list(tails[i])
         prompts.append(np.asarray(ids, np.int32))
+    n_cut = len(over)
 
     label_set = sorted({ex.label for ex in examples} | set(spec.options))
     label_ids = dict(zip(label_set, tokenizer.encode(label_set), strict=True))
@@ -273,10 +308,33 @@ def encode_split(
         prompts=tuple(prompts),
         answers=tuple(answers),
         labels=tuple(ex.label for ex in examples),
+        sources=tuple(ex.sentence for ex in examples),
         option_ids=tuple(np.asarray(label_ids[o], np.int32) for o in spec.options),
         n_truncated_prompts=n_cut,
         n_truncated_answers=n_cut_answers,
     )
+
+
+def _free_text_tails(
+    spec: DatasetSpec,
+    texts: Sequence[str],
+    rows: Sequence[int],
+    tokenizer: TextTokenizer,
+    budget: int,
+) -> tuple[dict[int, list[int]], dict[int, int]]:
+    """For over-long free-text prompts: the answer cue (the prompt's last line, e.g.
+    "Summary: ") re-encoded on its own, and how many head tokens fit before it."""
+    cues = [text[text.rfind("\n") + 1 :] if "\n" in text else "" for text in texts]
+    cue_ids = tokenizer.encode(cues) if cues else []
+    tails, keep = {}, {}
+    for row, ids in zip(rows, cue_ids, strict=True):
+        if len(ids) >= budget:
+            raise DataError(
+                f"dataset {spec.name!r}: example {row}'s last line (its answer cue) alone takes "
+                f"{len(ids)} tokens of the {budget}-token prompt budget (data.max_source_length)"
+            )
+        tails[row], keep[row] = ids, budget - len(ids)
+    return tails, keep
 
 
 def concatenate_splits(splits: Sequence[EncodedSplit]) -> EncodedSplit:
@@ -291,6 +349,7 @@ def concatenate_splits(splits: Sequence[EncodedSplit]) -> EncodedSplit:
         prompts=tuple(p for s in splits for p in s.prompts),
         answers=tuple(a for s in splits for a in s.answers),
         labels=tuple(label for s in splits for label in s.labels),
+        sources=tuple(text for s in splits for text in s.sources),
         option_ids=splits[0].option_ids,
         n_truncated_prompts=sum(s.n_truncated_prompts for s in splits),
         n_truncated_answers=sum(s.n_truncated_answers for s in splits),

@@ -11,16 +11,28 @@ blank lines are skipped). Every record of a file has the same one of three shape
 
 Other keys of a record are ignored. Errors name the file and the line of the first
 offending record.
+
+:func:`free_text_task` turns such examples into a task of the run (TRACE's tasks and
+``data.files`` entries): prompts rendered (verbatim, or through the tokenizer's chat
+template), a validation split carved from training when asked, seeded subsampling.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from cljax.data.sources import (
+    Example,
+    SourceConfig,
+    TaskData,
+    carve_validation,
+    subsample_per_class,
+)
+from cljax.data.tasks import GENERATION, PLAIN_TEXT, DatasetSpec
 from cljax.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -173,3 +185,68 @@ def read_task_file(path: str | Path) -> list[TextExample]:
             answer = _text(record, answer_key, where)
             examples.append(TextExample((("user", prompt),), answer, chat=False, line=line))
     return examples
+
+
+def plain_render(example: TextExample) -> str:
+    """A prompt without a chat template: a prompt/answer record's prompt verbatim; a
+    conversation as ``Role: content`` lines ending in the cue ``Assistant:``."""
+    if not example.chat:
+        return example.prompt
+    lines = [f"{role.capitalize()}: {content}\n" for role, content in example.context]
+    return "".join(lines) + "Assistant:"
+
+
+def free_text_task(
+    spec: DatasetSpec,
+    train_file: Path,
+    test_file: Path,
+    render: Callable[[TextExample], str],
+    config: SourceConfig,
+) -> TaskData:
+    """A free-text task from its training and test files. ``config.validation_per_class``
+    carves that many training examples as the evaluated split (the test file is then not
+    read); ``train_per_class`` / ``test_per_class`` cap each split (seeded)."""
+
+    def examples(path: Path) -> tuple[Example, ...]:
+        return tuple(Example(render(e), e.answer, e.line) for e in read_task_file(path))
+
+    split = {"train": examples(train_file)}
+    metadata: dict[str, Any] = {
+        "dataset": spec.name,
+        "task_type": spec.task_type,
+        "metric": spec.metric,
+        "files": {"train": str(train_file)},
+    }
+    validation = config.validation_per_class
+    if validation is not None:
+        split["train"], split["test"] = carve_validation(
+            split["train"], validation, config.seed, spec.name, free_text=True
+        )
+        metadata["validation"] = {"n": len(split["test"]), "seed": config.seed}
+    else:
+        split["test"] = examples(test_file)
+        metadata["files"]["test"] = str(test_file)
+    for role, n in (("train", config.train_per_class), ("test", config.test_per_class)):
+        if n is not None and not (role == "test" and validation is not None):
+            split[role], metadata.setdefault("subsampled", {})[role] = subsample_per_class(
+                split[role], n, config.seed, spec.name, role, free_text=True
+            )
+    metadata["n_train"], metadata["n_test"] = len(split["train"]), len(split["test"])
+    return TaskData(spec, split["train"], split["test"], metadata)
+
+
+def file_task(
+    name: str, entry: dict[str, Any], config: SourceConfig, render: Callable[[TextExample], str]
+) -> TaskData:
+    """A ``data.files`` task: ``entry`` holds its ``train`` and ``test`` files, ``metric``,
+    ``extract`` and ``max_new_tokens`` (checked by ``cljax.config.check_file_task``)."""
+    spec = DatasetSpec(
+        name,
+        GENERATION,
+        (),
+        PLAIN_TEXT,
+        entry["metric"],
+        entry["extract"],
+        entry["max_new_tokens"] or None,
+    )
+    return free_text_task(spec, Path(entry["train"]), Path(entry["test"]), render, config)

@@ -290,12 +290,17 @@ def _per_task_rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
-def _indices_by_label(examples: Sequence[Example]) -> dict[str, list[int]]:
-    """{gold label: indices of its examples, in file order}."""
+def _indices_by_label(examples: Sequence[Example], free_text: bool = False) -> dict[str, list[int]]:
+    """{gold label: indices of its examples, in file order}; free-text answers are no
+    classes: one group of all examples."""
     by_label: dict[str, list[int]] = {}
     for i, ex in enumerate(examples):
-        by_label.setdefault(ex.label, []).append(i)
+        by_label.setdefault(_group(ex, free_text), []).append(i)
     return by_label
+
+
+def _group(example: Example, free_text: bool) -> str:
+    return "" if free_text else example.label
 
 
 def _split_off(
@@ -307,13 +312,14 @@ def _split_off(
 
 
 def subsample_per_class(
-    examples: Sequence[Example], n: int, seed: int, *keys: str
+    examples: Sequence[Example], n: int, seed: int, *keys: str, free_text: bool = False
 ) -> tuple[tuple[Example, ...], dict[str, Any]]:
-    """At most ``n`` examples per gold label, chosen uniformly with a generator seeded by
-    ``(seed, *keys)``; the kept ones stay in file order. Returns them and a report with the
-    per-class counts before and after (classes with fewer than ``n`` keep all of theirs)."""
+    """At most ``n`` examples per gold label (``free_text``: in all), chosen uniformly with a
+    generator seeded by ``(seed, *keys)``; the kept ones stay in file order. Returns them and
+    a report with the per-class counts before and after (classes with fewer than ``n`` keep
+    all of theirs)."""
     rng = _per_task_rng(seed, "subsample", *keys)
-    by_label = _indices_by_label(examples)
+    by_label = _indices_by_label(examples, free_text)
     chosen: list[int] = []
     for label in sorted(by_label):
         indices = by_label[label]
@@ -325,7 +331,7 @@ def subsample_per_class(
         "per_class": n,
         "seed": seed,
         "before": {k: len(v) for k, v in sorted(by_label.items())},
-        "after": dict(sorted(Counter(examples[i].label for i in chosen).items())),
+        "after": dict(sorted(Counter(_group(examples[i], free_text) for i in chosen).items())),
     }
     return tuple(examples[i] for i in chosen), report
 
@@ -347,14 +353,15 @@ def stratified_split(
 
 
 def carve_validation(
-    examples: Sequence[Example], n: int, seed: int, *keys: str
+    examples: Sequence[Example], n: int, seed: int, *keys: str, free_text: bool = False
 ) -> tuple[tuple[Example, ...], tuple[Example, ...]]:
-    """Split training examples into (rest, validation): ``n`` per gold label, chosen with a
-    generator seeded by ``(seed, *keys)``, go to validation, but every class keeps at least
-    one training example. Both parts keep file order and share no item."""
+    """Split training examples into (rest, validation): ``n`` per gold label (``free_text``:
+    in all), chosen with a generator seeded by ``(seed, *keys)``, go to validation, but every
+    class keeps at least one training example. Both parts keep file order and share no
+    item."""
     rng = _per_task_rng(seed, "validation", *keys)
     held: set[int] = set()
-    for _, indices in sorted(_indices_by_label(examples).items()):
+    for _, indices in sorted(_indices_by_label(examples, free_text).items()):
         k = max(min(n, len(indices) - 1), 0)
         held.update(rng.choice(indices, size=k, replace=False).tolist())
     return _split_off(examples, held)

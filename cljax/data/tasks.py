@@ -10,6 +10,10 @@ with the reference O-LoRA format::
 COPA, whose sentence already states the question and the options, has neither the
 instruction nor the option line: ``[prefixes] + sentence + "\\nAnswer:"``.
 
+Free-text tasks (task type ``GEN``: TRACE, a user's own files) have no options; their
+prompt is used verbatim (it carries its own instruction and answer cue) and each names the
+metric it is scored with (``cljax.cl.scoring``).
+
 Unlike the reference (which fills the sentence in with ``str.format`` and silently produces a
 literal ``{0}`` when the sentence contains braces), the sentence is inserted verbatim.
 """
@@ -37,7 +41,10 @@ INSTRUCTIONS: Mapping[str, str] = {
     "WiC": "Given a word and two sentences, whether the word is used with the same sense in both "
     "sentence? Choose one from the option.\n",
     "COPA": "",
+    "GEN": "",  # free text: the prompt is the whole input
 }
+GENERATION = "GEN"
+"""The task type of free-text tasks."""
 
 ANSWER_SUFFIX = "\nAnswer:"
 """Every prompt ends with this; truncation keeps it (see ``cljax.data.batching``)."""
@@ -102,19 +109,28 @@ CAUSE_EFFECT_CHOICE = SentenceLayout(
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """One classification dataset of the benchmark (or of the synthetic benchmark).
+    """One task: a classification dataset of the benchmark (or of the synthetic
+    benchmark), or a free-text task (``task_type="GEN"``).
 
     Attributes:
       name: the dataset name as in the file layout and the prompt's ``Dataset:`` line.
-      task_type: the type folder and the prompt's ``Task:`` line (``TC``, ``SC``, ``NLI``, ...).
-      options: the label strings in ``labels.json`` order (the order shown in the prompt).
+      task_type: the type folder and the prompt's ``Task:`` line (``TC``, ``SC``, ``NLI``, ...),
+        or ``GEN`` for free text.
+      options: the label strings in ``labels.json`` order (the order shown in the prompt);
+        empty for free text.
       layout: how the ``sentence`` string is laid out from raw fields.
+      metric / extract: how generated answers are scored: a metric and an answer extraction
+        of ``cljax.cl.scoring`` (classification: accuracy of the normalised label).
+      max_new_tokens: the task's generation length (None: ``eval.max_new_tokens``).
     """
 
     name: str
     task_type: str
     options: tuple[str, ...]
     layout: SentenceLayout
+    metric: str = "accuracy"
+    extract: str = "label"
+    max_new_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.task_type not in INSTRUCTIONS:
@@ -122,11 +138,20 @@ class DatasetSpec:
                 f"dataset {self.name!r}: unknown task type {self.task_type!r}; "
                 f"valid types: {sorted(INSTRUCTIONS)}"
             )
+        if self.generative:
+            if self.options:
+                raise ValueError(f"dataset {self.name!r}: a free-text task has no options")
+            return
         if len(self.options) < 2 or len(set(self.options)) != len(self.options):
             raise ValueError(
                 f"dataset {self.name!r}: options must be >= 2 distinct strings, got "
                 f"{list(self.options)}"
             )
+
+    @property
+    def generative(self) -> bool:
+        """A free-text task: no options, verbatim prompts, scored by its own metric."""
+        return self.task_type == GENERATION
 
     @property
     def instruction(self) -> str:
@@ -298,10 +323,13 @@ def build_prompt(
     """The model input for one example, character-identical to the protocol.
 
     Both prefixes are on in all published runs. The sentence is concatenated verbatim, so
-    braces and any other characters survive unchanged.
+    braces and any other characters survive unchanged. A free-text task's prompt is the
+    sentence alone.
     """
     if not isinstance(sentence, str):
         raise TypeError(f"dataset {spec.name!r}: sentence must be str, got {type(sentence)}")
+    if spec.generative:
+        return sentence
     head = prompt_head(spec, add_task_name=add_task_name, add_dataset_name=add_dataset_name)
     return head + sentence + ANSWER_SUFFIX
 
@@ -311,7 +339,9 @@ def prompt_head(
 ) -> str:
     """The part of every prompt of ``spec`` before the sentence: prefixes, instruction and
     option line (a task without an instruction, COPA, has no option line either: its
-    sentence states the options, as in the released benchmark)."""
+    sentence states the options, as in the released benchmark). Free text has none."""
+    if spec.generative:
+        return ""
     head = ""
     if add_task_name:
         head += "Task:" + spec.task_type + "\n"

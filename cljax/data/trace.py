@@ -15,10 +15,13 @@ answers (TRACE generates up to its global answer length for every task).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
-from cljax.data.files import TextExample, read_task_file
-from cljax.errors import DataError, UnknownNameError
+from cljax.data.files import TextExample, free_text_task, read_task_file
+from cljax.data.sources import SourceConfig, TaskData
+from cljax.data.tasks import GENERATION, PLAIN_TEXT, DatasetSpec
+from cljax.errors import ConfigError, DataError, UnknownNameError
 
 SPLITS = ("train", "eval", "test")
 
@@ -58,8 +61,16 @@ def get_trace_task(name: str) -> TraceTask:
     return TRACE_TASKS[name]
 
 
-def load_trace_task(data_dir: str | Path, name: str) -> dict[str, list[TextExample]]:
-    """The three splits of task ``name`` under ``data_dir`` (``{split: examples}``)."""
+def trace_spec(name: str) -> DatasetSpec:
+    """The free-text task spec of TRACE task ``name``."""
+    task = get_trace_task(name)
+    return DatasetSpec(
+        name, GENERATION, (), PLAIN_TEXT, task.metric, task.extract, task.max_new_tokens
+    )
+
+
+def trace_files(data_dir: str | Path, name: str) -> dict[str, Path]:
+    """``{split: file}`` of task ``name`` under ``data_dir``, every file checked to exist."""
     get_trace_task(name)
     folder = Path(data_dir) / name
     if not folder.is_dir():
@@ -67,11 +78,27 @@ def load_trace_task(data_dir: str | Path, name: str) -> dict[str, list[TextExamp
     missing = [s for s in SPLITS if not (folder / f"{s}.json").is_file()]
     if missing:
         raise DataError(f"{folder}: missing {', '.join(f'{s}.json' for s in missing)}")
-    splits = {split: read_task_file(folder / f"{split}.json") for split in SPLITS}
+    return {split: folder / f"{split}.json" for split in SPLITS}
+
+
+def load_trace_task(data_dir: str | Path, name: str) -> dict[str, list[TextExample]]:
+    """The three splits of task ``name`` under ``data_dir`` (``{split: examples}``)."""
+    splits = {split: read_task_file(path) for split, path in trace_files(data_dir, name).items()}
     for split, examples in splits.items():
         chats = [e.line for e in examples if e.chat]
         if chats:
             raise DataError(
-                f"{folder / f'{split}.json'}:{chats[0]}: TRACE records are prompt/answer pairs"
+                f"{Path(data_dir) / name / f'{split}.json'}:{chats[0]}: TRACE records are"
+                " prompt/answer pairs"
             )
     return splits
+
+
+def trace_task(name: str, config: SourceConfig, render: Callable[[TextExample], str]) -> TaskData:
+    """TRACE task ``name`` as a task of the run: trained on ``train.json``, evaluated on
+    ``test.json`` (``config.test_split="dev"``: ``eval.json``)."""
+    if not config.data_dir:
+        raise ConfigError("data.source=trace needs data.data_dir: the TRACE root directory")
+    files = trace_files(config.data_dir, name)
+    test = files["eval" if config.test_split == "dev" else "test"]
+    return free_text_task(trace_spec(name), files["train"], test, render, config)

@@ -5,7 +5,7 @@ One generic mechanism serves every model family. A family (registered with
 
 * ``TensorRule(hf_name, path, transform, num_layers)`` maps one Hugging Face tensor
   name (``"model.layers.{layer}.self_attn.q_proj.weight"``) to one cljax state path
-  (``"layers.attn.q_proj.kernel"``, the dotted key of ``nnx.state(model)``), through a
+  (``"layers/attn/q_proj/kernel"``, its ``cljax.paths`` name in ``nnx.state(model)``), through a
   named, invertible ``transform`` (``"identity"``, ``"transpose"``). With
   ``num_layers=L`` the name has a ``{layer}`` placeholder and the L per-layer tensors
   are stacked along the leading ``layers`` axis of the cljax parameter.
@@ -40,67 +40,12 @@ from safetensors.numpy import save_file
 
 from cljax import parallel
 from cljax.errors import CheckpointError
+from cljax.models.hf_names import LAYER, TRANSFORMS, TensorRule, Transform  # noqa: F401
+from cljax.paths import path_to_str
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-LAYER = "{layer}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Transform:
-    """An invertible per-tensor transform between the HF layout and the cljax layout.
-
-    Both functions act on one (per-layer) tensor; they must also work on zero-stride
-    views (``np.broadcast_to``), which is how expected shapes are computed.
-    """
-
-    to_cljax: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
-
-
-# PyTorch nn.Linear stores weight (out, in); cljax kernels are (in, out).
-TRANSFORMS: dict[str, Transform] = {
-    "identity": Transform(to_cljax=lambda a: a, to_hf=lambda a: a),
-    "transpose": Transform(
-        to_cljax=lambda a: np.swapaxes(a, -1, -2), to_hf=lambda a: np.swapaxes(a, -1, -2)
-    ),
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorRule:
-    """One HF tensor (or one per layer) <-> one cljax parameter.
-
-    hf_name: HF tensor name; contains ``{layer}`` iff ``num_layers`` is set.
-    path: dotted cljax state path, e.g. ``"layers.attn.q_proj.kernel"``.
-    transform: a key of ``TRANSFORMS``, applied per layer.
-    num_layers: L for a parameter stacked over layers: HF tensors for layers 0..L-1
-        become the slices ``param[0] .. param[L-1]``.
-    """
-
-    hf_name: str
-    path: str
-    transform: str = "identity"
-    num_layers: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.transform not in TRANSFORMS:
-            raise ValueError(
-                f"rule for {self.hf_name!r}: unknown transform {self.transform!r}; "
-                f"valid: {sorted(TRANSFORMS)}"
-            )
-        if (LAYER in self.hf_name) != (self.num_layers is not None):
-            raise ValueError(
-                f"rule for {self.hf_name!r}: a {LAYER} placeholder goes with num_layers "
-                f"(got {self.num_layers})"
-            )
-
-    def hf_names(self) -> list[str]:
-        """The concrete HF tensor names, one per layer for a stacked rule."""
-        if self.num_layers is None:
-            return [self.hf_name]
-        return [self.hf_name.format(layer=i) for i in range(self.num_layers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +85,10 @@ def register_family(family: ModelFamily) -> ModelFamily:
 
 
 def family_for_config(cfg: Any) -> ModelFamily:
+    """The family whose config class is exactly ``cfg``'s type (a variant subclassing
+    ``LlamaConfig`` is its own family, never exported as LLaMA)."""
     for family in FAMILIES.values():
-        if isinstance(cfg, family.config_class):
+        if type(cfg) is family.config_class:
             return family
     raise CheckpointError(
         f"no registered model family for config type {type(cfg).__name__}; "
@@ -235,9 +182,10 @@ class _TensorReader:
 
 
 def _flat_params(model_or_state: Any) -> dict[str, nnx.Variable]:
-    """Dotted state path -> variable, for every nnx.Param of a model (or abstract model)."""
+    """State path (``cljax.paths``) -> variable, for every nnx.Param of a model (or
+    abstract model)."""
     state = nnx.state(model_or_state, nnx.Param)
-    return {".".join(str(k) for k in path): var for path, var in nnx.to_flat_state(state)}
+    return {path_to_str(path): var for path, var in nnx.to_flat_state(state)}
 
 
 def _expected_hf_shape(rule: TensorRule, cljax_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -294,7 +242,7 @@ def load_state_from_tensors(
         flat_sh = nnx.to_flat_state(
             parallel.state_shardings(nnx.state(abstract_model, nnx.Param), mesh, sharding_rules)
         )
-        shardings = {".".join(str(k) for k in path): v.get_value() for path, v in flat_sh}
+        shardings = {path_to_str(path): v.get_value() for path, v in flat_sh}
     _check_rules_cover(rules, params, model_type)
     used: set[str] = set()
     values: dict[str, jnp.ndarray] = {}
@@ -339,7 +287,7 @@ def load_state_from_tensors(
     flat = nnx.to_flat_state(state)
     filled = []
     for path, var in flat:
-        key = ".".join(str(k) for k in path)
+        key = path_to_str(path)
         if key in values:
             var = var.replace(values[key])
         filled.append((path, var))
@@ -455,53 +403,27 @@ def _split_shards(
 # ---------------------------------------------------------------------------------------
 
 
-def _llama_name_map(cfg: Any) -> list[TensorRule]:
-    n = cfg.num_hidden_layers
-    rules = [TensorRule("model.embed_tokens.weight", "embed.embedding")]
-    for group, hf_group, names in (
-        ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-        ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
-    ):
-        rules += [
-            TensorRule(
-                f"model.layers.{LAYER}.{hf_group}.{name}.weight",
-                f"layers.{group}.{name}.kernel",
-                "transpose",
-                n,
-            )
-            for name in names
-        ]
-    rules += [
-        TensorRule(
-            f"model.layers.{LAYER}.input_layernorm.weight", "layers.input_norm.scale", num_layers=n
-        ),
-        TensorRule(
-            f"model.layers.{LAYER}.post_attention_layernorm.weight",
-            "layers.post_attn_norm.scale",
-            num_layers=n,
-        ),
-        TensorRule("model.norm.weight", "final_norm.scale"),
-    ]
-    if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
-    return rules
+def llama_like_family(config_class: type) -> ModelFamily:
+    """The converter's record of a LLaMA-like family (``LlamaConfig`` or a variant of it:
+    its ``MODEL_TYPE``, the same tensor names, biases when the config has them)."""
+    from cljax.models.llama import Llama, hf_name_map
+
+    return ModelFamily(
+        model_type=config_class.MODEL_TYPE,
+        config_class=config_class,
+        config_from_hf=config_class.from_hf_dict,
+        config_to_hf=config_class.to_hf_dict,
+        build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
+        name_map=hf_name_map,
+        # Old checkpoints saved the rotary buffer; it is recomputed from the config.
+        ignore=(r"\.rotary_emb\.inv_freq$",),
+    )
 
 
 def _register_llama() -> None:
-    from cljax.models.llama import Llama, LlamaConfig
+    from cljax.models.llama import LlamaConfig
 
-    register_family(
-        ModelFamily(
-            model_type="llama",
-            config_class=LlamaConfig,
-            config_from_hf=LlamaConfig.from_hf_dict,
-            config_to_hf=LlamaConfig.to_hf_dict,
-            build=lambda cfg, rngs: Llama(cfg, rngs=rngs),
-            name_map=_llama_name_map,
-            # Old checkpoints saved the rotary buffer; it is recomputed from the config.
-            ignore=(r"\.rotary_emb\.inv_freq$",),
-        )
-    )
+    register_family(llama_like_family(LlamaConfig))
 
 
 _register_llama()
@@ -511,91 +433,9 @@ _register_llama()
 # T5 (transformers T5ForConditionalGeneration: T5 v1.0, v1.1, Flan-T5)
 # ---------------------------------------------------------------------------------------
 
-# Copies of the shared embedding that some T5 checkpoints also store; transformers ties
-# them to ``shared.weight``. ``_t5_resolve_config`` checks that they are equal to it.
-_T5_EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
-
-
-def _t5_name_map(cfg: Any) -> list[TensorRule]:
-    rules = [TensorRule("shared.weight", "shared.embedding")]
-    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
-        block = f"{stack}.block.{LAYER}.layer"
-        # One relative-position table per stack, stored in block 0 and shared by all blocks.
-        rules.append(
-            TensorRule(
-                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
-                f"{stack}.relative_bias",
-            )
-        )
-        # HF sub-layer index -> (HF attention module, cljax attention module)
-        attention = [(0, "SelfAttention", "self_attn")]
-        if stack == "decoder":
-            attention.append((1, "EncDecAttention", "cross_attn"))
-        for index, hf_attn, attn in attention:
-            rules += [
-                TensorRule(
-                    f"{block}.{index}.{hf_attn}.{p}.weight",
-                    f"{stack}.layers.{attn}.{p}_proj.kernel",
-                    "transpose",
-                    n,
-                )
-                for p in "qkvo"
-            ]
-            rules.append(
-                TensorRule(
-                    f"{block}.{index}.layer_norm.weight",
-                    f"{stack}.layers.{attn}_norm.scale",
-                    num_layers=n,
-                )
-            )
-        ff = len(attention)  # the feed-forward sub-layer comes last
-        dense = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
-        rules += [
-            TensorRule(
-                f"{block}.{ff}.DenseReluDense.{name}.weight",
-                f"{stack}.layers.mlp.{name}.kernel",
-                "transpose",
-                n,
-            )
-            for name in dense
-        ]
-        rules.append(
-            TensorRule(
-                f"{block}.{ff}.layer_norm.weight", f"{stack}.layers.mlp_norm.scale", num_layers=n
-            )
-        )
-        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}.final_norm.scale"))
-    if not cfg.tie_word_embeddings:
-        rules.append(TensorRule("lm_head.weight", "lm_head.kernel", "transpose"))
-    return rules
-
-
-def _t5_resolve_config(cfg: Any, tensors: Any) -> Any:
-    """Tied or untied output layer, decided as transformers decides it.
-
-    An ``lm_head.weight`` that differs from ``shared.weight`` is a separate output layer
-    even when config.json says ``tie_word_embeddings: true`` (transformers 5 writes that
-    for every T5 and then keeps the two apart); one equal to it is a tied copy. Stored
-    copies of the input embeddings must equal ``shared.weight``.
-    """
-    shared = tensors.read("shared.weight") if "shared.weight" in tensors.located else None
-    for name in _T5_EMBED_COPIES:
-        if name in tensors.located and shared is not None:
-            copy = tensors.read(name)
-            if copy.shape != shared.shape or not np.array_equal(copy, shared):
-                raise CheckpointError(
-                    f"{tensors.located[name]}: tensor {name!r} differs from 'shared.weight'; "
-                    "T5 ties the input embeddings of both stacks to it"
-                )
-    if cfg.tie_word_embeddings and "lm_head.weight" in tensors.located and shared is not None:
-        head = tensors.read("lm_head.weight")
-        if head.shape != shared.shape or not np.array_equal(head, shared):
-            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-    return cfg
-
 
 def _register_t5() -> None:
-    from cljax.models.t5 import T5, T5Config
+    from cljax.models.t5 import EMBED_COPIES, T5, T5Config, hf_name_map, resolve_hf_config
 
     register_family(
         ModelFamily(
@@ -604,16 +444,20 @@ def _register_t5() -> None:
             config_from_hf=T5Config.from_hf_dict,
             config_to_hf=T5Config.to_hf_dict,
             build=lambda cfg, rngs: T5(cfg, rngs=rngs),
-            name_map=_t5_name_map,
+            name_map=hf_name_map,
             ignore=(
-                # Tied copies, checked by _t5_resolve_config (an untied lm_head is used).
-                *(rf"^{re.escape(name)}$" for name in (*_T5_EMBED_COPIES, "lm_head.weight")),
+                # Tied copies, checked by t5.resolve_hf_config (an untied lm_head is used).
+                *(rf"^{re.escape(name)}$" for name in (*EMBED_COPIES, "lm_head.weight")),
                 # Cross-attention has no position bias; transformers skips this tensor too.
                 r"^decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight$",
             ),
-            resolve_config=_t5_resolve_config,
+            resolve_config=resolve_hf_config,
         )
     )
 
 
 _register_t5()
+
+
+# LLaMA-like variants register themselves (their config classes, the shared name map).
+from cljax.models import mistral, qwen2  # noqa: E402, F401

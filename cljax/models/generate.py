@@ -28,8 +28,8 @@ import numpy as np
 from flax import nnx
 
 from cljax import parallel
+from cljax.models.contract import DecoderOnly, EncoderDecoder
 from cljax.models.llama import Llama, LlamaConfig, positions_from_mask
-from cljax.models.t5 import T5, T5Config
 
 
 def bucket_size(n: int, *, minimum: int = 8) -> int:
@@ -206,7 +206,7 @@ def _llama_greedy(
     pad_id: int,
 ) -> tuple[jax.Array, jax.Array]:
     """ids, mask (B, P) left-padded -> tokens (B, capacity), lengths (B,)."""
-    model: Llama = nnx.merge(graphdef, state)
+    model: DecoderOnly = nnx.merge(graphdef, state)
     batch, prompt_len = ids.shape
     cache = model.init_cache(batch, prompt_len + capacity)
     key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, capacity), bool)], axis=1)
@@ -235,7 +235,7 @@ def _llama_greedy(
 
 
 def generate_llama(
-    model: Llama,
+    model: DecoderOnly,
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -250,7 +250,7 @@ def generate_llama(
     Batch, prompt length and ``max_new_tokens`` are bucketed (``bucket_size``).
     """
     _check_request(prompts, max_new_tokens, "prompts")
-    cfg: LlamaConfig = model.cfg
+    cfg = model.cfg
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if pad_token_id is None:
         pad_token_id = cfg.pad_token_id if cfg.pad_token_id is not None else (eos or (0,))[0]
@@ -287,7 +287,7 @@ def _t5_greedy(
     projected once (``T5.init_cache``); the decoder then feeds one token per step
     against its self-attention cache of ``capacity`` slots.
     """
-    model: T5 = nnx.merge(graphdef, state)
+    model: EncoderDecoder = nnx.merge(graphdef, state)
     batch = ids.shape[0]
     encoder_out = model.encode(ids, mask)
     cache = model.init_cache(encoder_out, mask, capacity)
@@ -311,7 +311,7 @@ def _t5_greedy(
 
 
 def generate_t5(
-    model: T5,
+    model: EncoderDecoder,
     sources: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
@@ -328,7 +328,7 @@ def generate_t5(
     sees relative positions, and padded keys are masked.
     """
     _check_request(sources, max_new_tokens, "sources")
-    cfg: T5Config = model.cfg
+    cfg = model.cfg
     eos = (cfg.eos_token_id,) if eos_token_ids is None else tuple(eos_token_ids)
     pad_token_id = cfg.pad_token_id if pad_token_id is None else pad_token_id
     return _run_greedy(_t5_greedy, model, sources, max_new_tokens, eos, pad_token_id)

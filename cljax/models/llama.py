@@ -5,8 +5,8 @@
 * Rotary embeddings in the rotate-half layout that HF checkpoints are stored in, so
   q/k kernels load without a permutation; rope scaling types ``default``, ``linear``
   and ``llama3``.
-* Blocks are stacked along a leading ``layers`` axis and run with one ``lax.scan``
-  (``layers.scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
+* Blocks are stacked along a leading ``layers`` axis and run with one ``lax/scan``
+  (``layers/scan_layers``), so per-layer work (e.g. an SVD of every ``q_proj``) is one
   batched call on a ``(L, d_in, d_out)`` kernel. ``scan_unroll`` sets how many layers
   one loop iteration runs (the layer count: no loop, faster for shallow models).
 * Logical axis names on every parameter: ``embed``, ``heads`` (q heads x head_dim),
@@ -14,10 +14,10 @@
 * dtype policy: params / matmuls in ``policy`` dtypes; norms, rotary and softmax in
   float32; logits returned in float32.
 
-Parameter paths (``nnx.state(model)``): ``embed.embedding`` (V, D);
-``layers.attn.{q,k,v,o}_proj.kernel`` and ``layers.mlp.{gate,up,down}_proj.kernel``
-(L, d_in, d_out); ``layers.input_norm.scale``, ``layers.post_attn_norm.scale`` (L, D);
-``final_norm.scale`` (D,); ``lm_head.kernel`` (D, V) when untied.
+Parameter paths (``nnx.state(model)``): ``embed/embedding`` (V, D);
+``layers/attn/{q,k,v,o}_proj/kernel`` and ``layers/mlp/{gate,up,down}_proj/kernel``
+(L, d_in, d_out); ``layers/input_norm/scale``, ``layers/post_attn_norm/scale`` (L, D);
+``final_norm/scale`` (D,); ``lm_head/kernel`` (D, V) when untied.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cljax.models.hf_names import LAYER, TensorRule
 from cljax.models.layers import (
     HF_BOOKKEEPING_FIELDS,
     DTypePolicy,
@@ -113,13 +114,28 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
+    # LLaMA-like variants (``mistral.py``, ``qwen2.py``): q/k/v/o biases (LLaMA's
+    # ``attention_bias``), q/k/v biases only (Qwen2), and attention to the last
+    # ``sliding_window`` positions only (Mistral; None: no window).
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    sliding_window: int | None = None
     policy: DTypePolicy = DTypePolicy()
     scan_unroll: int = 1
     remat: str = "none"
 
+    #: ``config.json``'s ``model_type`` and ``architectures`` of this family
+    MODEL_TYPE: ClassVar[str] = "llama"
+    ARCHITECTURE: ClassVar[str] = "LlamaForCausalLM"
+    #: variant-only ``config.json`` fields this family reads (LLaMA's has no window)
+    VARIANT_HF_FIELDS: ClassVar[frozenset[str]] = frozenset()
+
     def __post_init__(self) -> None:
         def fix(name: str, value: Any) -> None:
             object.__setattr__(self, name, value)
+
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
 
         check_scan_unroll("LlamaConfig", self.scan_unroll)
         check_remat("LlamaConfig", self.remat)
@@ -170,15 +186,15 @@ class LlamaConfig:
     def from_hf_dict(cls, d: Mapping[str, Any], policy: DTypePolicy | None = None) -> LlamaConfig:
         """Parse a HF ``config.json`` dict (transformers 4 or 5 layout); any field that
         would change the computation and is not supported raises, naming the field."""
-        d = dict(d)
-        if d.get("model_type", "llama") != "llama":
-            raise ValueError(f"model_type {d['model_type']!r} is not 'llama'")
+        d = cls._variant_fields(dict(d))
+        if d.get("model_type", cls.MODEL_TYPE) != cls.MODEL_TYPE:
+            raise ValueError(f"model_type {d['model_type']!r} is not {cls.MODEL_TYPE!r}")
         for name, allowed in _FIXED_HF_FIELDS.items():
             if name in d and d[name] not in allowed:
                 raise ValueError(
                     f"config field {name}={d[name]!r} is not supported (only {allowed})"
                 )
-        unknown = sorted(set(d) - _KNOWN_HF_FIELDS)
+        unknown = sorted(set(d) - _KNOWN_HF_FIELDS - cls.VARIANT_HF_FIELDS)
         if unknown:
             raise ValueError(f"unsupported config field(s) {unknown}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
@@ -213,18 +229,37 @@ class LlamaConfig:
                 "bos_token_id",
                 "eos_token_id",
                 "pad_token_id",
+                "attention_bias",
+                "qkv_bias",
+                "sliding_window",
             )
             if name in d
         }
         policy = DTypePolicy() if policy is None else policy
         return cls(**fields, rope_theta=float(rope_theta), rope_scaling=rope_scaling, policy=policy)
 
+    @classmethod
+    def _variant_fields(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """A variant's ``config.json`` fields turned into LLaMA's (e.g. Qwen2's implied
+        q/k/v biases); LLaMA's own have none to translate."""
+        return d
+
+    def _variant_hf_fields(self) -> dict[str, Any]:
+        """The fields a variant adds to ``config.json``."""
+        return {"attention_bias": self.attention_bias, "mlp_bias": False}
+
     def to_hf_dict(self) -> dict[str, Any]:
         """A ``config.json`` dict that ``transformers`` (4.x and 5.x) loads."""
+        if self.qkv_bias or self.sliding_window is not None:
+            if type(self)._variant_hf_fields is LlamaConfig._variant_hf_fields:
+                raise ValueError(
+                    f"{type(self).__name__} with qkv_bias / sliding_window has no"
+                    " transformers equivalent: use the Qwen2 / Mistral config"
+                )
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         return {
-            "model_type": "llama",
-            "architectures": ["LlamaForCausalLM"],
+            "model_type": self.MODEL_TYPE,
+            "architectures": [self.ARCHITECTURE],
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -241,8 +276,7 @@ class LlamaConfig:
             "eos_token_id": eos,
             "pad_token_id": self.pad_token_id,
             "hidden_act": "silu",
-            "attention_bias": False,
-            "mlp_bias": False,
+            **self._variant_hf_fields(),
             "torch_dtype": self.policy.param_dtype,
         }
 
@@ -250,7 +284,6 @@ class LlamaConfig:
 # Fields that transformers writes and that cljax supports with these values only.
 _FIXED_HF_FIELDS: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu",),
-    "attention_bias": (False,),
     "mlp_bias": (False,),
     "attention_dropout": (0, 0.0),
 }
@@ -264,11 +297,20 @@ _IGNORED_HF_FIELDS = HF_BOOKKEEPING_FIELDS | {
     "is_encoder_decoder",
 }
 _KNOWN_HF_FIELDS = (
-    {f.name for f in dataclasses.fields(LlamaConfig)} - {"policy", "scan_unroll", "remat"}
+    {f.name for f in dataclasses.fields(LlamaConfig)}
+    - {"policy", "scan_unroll", "remat", "qkv_bias", "sliding_window"}
     | set(_FIXED_HF_FIELDS)
     | _IGNORED_HF_FIELDS
     | {"rope_parameters"}
 )
+
+
+def variant_of(base: LlamaConfig, cls: type, **changes: Any) -> Any:
+    """A LLaMA-like variant's config (``cls``) with ``base``'s shape, ``changes`` applied:
+    variants state their presets as differences from LLaMA's."""
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)}
+    return cls(**{**fields, **changes})
+
 
 PRESETS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(
@@ -415,10 +457,11 @@ class Attention(nnx.Module):
         d, q_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim
         kv_dim = cfg.num_key_value_heads * cfg.head_dim
         kw = dict(rngs=rngs, stack=stack, policy=cfg.policy)
-        self.q_proj = Linear(d, q_dim, axes=("embed", "heads"), **kw)
-        self.k_proj = Linear(d, kv_dim, axes=("embed", "kv"), **kw)
-        self.v_proj = Linear(d, kv_dim, axes=("embed", "kv"), **kw)
-        self.o_proj = Linear(q_dim, d, axes=("heads", "embed"), **kw)
+        qkv = dict(kw, use_bias=cfg.attention_bias or cfg.qkv_bias)
+        self.q_proj = Linear(d, q_dim, axes=("embed", "heads"), **qkv)
+        self.k_proj = Linear(d, kv_dim, axes=("embed", "kv"), **qkv)
+        self.v_proj = Linear(d, kv_dim, axes=("embed", "kv"), **qkv)
+        self.o_proj = Linear(q_dim, d, axes=("heads", "embed"), use_bias=cfg.attention_bias, **kw)
 
 
 class MLP(nnx.Module):
@@ -563,6 +606,10 @@ class Llama(nnx.Module):
         s = key_mask.shape[1]
         query_slots = cache_index + jnp.arange(t)
         causal = jnp.arange(s)[None, :] <= query_slots[:, None]
+        if self.cfg.sliding_window is not None:
+            # the last ``sliding_window`` slots (transformers': kv > q - window); with
+            # left padding, slot distances between real tokens are position distances
+            causal &= jnp.arange(s)[None, :] > query_slots[:, None] - self.cfg.sliding_window
         mask = causal[None] & key_mask[:, None, :]
         rope = rope_tables(self.cfg, positions)
         x = constrain_hidden(self.embed(input_ids))
@@ -615,3 +662,50 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -
     loss_mask (B, T) {0,1}. Returns a float32 scalar (nats per answer token).
     """
     return masked_mean_nll(logits, labels, loss_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face tensor names
+# ---------------------------------------------------------------------------------------
+
+
+def hf_name_map(cfg: LlamaConfig) -> list[TensorRule]:
+    """Hugging Face tensor names <-> cljax paths (``hf_names.TensorRule``), biases when
+    the config has them."""
+    n = cfg.num_hidden_layers
+    rules = [TensorRule("model.embed_tokens.weight", "embed/embedding")]
+    for group, hf_group, names in (
+        ("attn", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+        ("mlp", "mlp", ("gate_proj", "up_proj", "down_proj")),
+    ):
+        rules += [
+            TensorRule(
+                f"model.layers.{LAYER}.{hf_group}.{name}.weight",
+                f"layers/{group}/{name}/kernel",
+                "transpose",
+                n,
+            )
+            for name in names
+        ]
+    biased = ("q_proj", "k_proj", "v_proj") if cfg.attention_bias or cfg.qkv_bias else ()
+    biased += ("o_proj",) if cfg.attention_bias else ()
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.self_attn.{name}.bias", f"layers/attn/{name}/bias", num_layers=n
+        )
+        for name in biased
+    ]
+    rules += [
+        TensorRule(
+            f"model.layers.{LAYER}.input_layernorm.weight", "layers/input_norm/scale", num_layers=n
+        ),
+        TensorRule(
+            f"model.layers.{LAYER}.post_attention_layernorm.weight",
+            "layers/post_attn_norm/scale",
+            num_layers=n,
+        ),
+        TensorRule("model.norm.weight", "final_norm/scale"),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
+    return rules

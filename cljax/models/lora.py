@@ -34,9 +34,10 @@ the ``deterministic`` flag.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
@@ -44,6 +45,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cljax.models.layers import Linear, flat_matmul, logical_axes
+from cljax.paths import match_paths, path_to_str
 
 
 class LoRAParam(nnx.Param):
@@ -56,6 +58,26 @@ class FrozenLoRA(nnx.Variable):
 
 class LoRADropoutKey(nnx.Variable):
     """Per-layer PRNG key data for adapter dropout (reseeded every training step)."""
+
+
+_INPUT_RECORD: contextvars.ContextVar[dict[str, list[jax.Array]] | None] = contextvars.ContextVar(
+    "cljax_lora_inputs", default=None
+)
+
+
+@contextlib.contextmanager
+def record_inputs() -> Iterator[dict[str, list[jax.Array]]]:
+    """Record what enters every adapter: within the context, each :class:`LoRALinear`
+    call appends its input ``(..., d_in)`` to ``records[module path]``. Use it inside
+    ``layers.record_layers`` (stacked layers then run one by one, outside jit): for a
+    stack of L layers, call k of a path is layer ``k % L``. Input-subspace methods
+    (InfLoRA) build their statistics from it."""
+    records: dict[str, list[jax.Array]] = {}
+    token = _INPUT_RECORD.set(records)
+    try:
+        yield records
+    finally:
+        _INPUT_RECORD.reset(token)
 
 
 def _annotated(cls: type[nnx.Variable], value: jax.Array, axes: Sequence[str | None]):
@@ -80,9 +102,11 @@ class LoRALinear(nnx.Module):
         alpha: float,
         rngs: nnx.Rngs,
         dropout: float = 0.0,
+        path: str = "",
     ):
         kernel = base.kernel[...]
         *stack, d_in, d_out = kernel.shape
+        self.path = path  # the wrapped module's path (names its recorded inputs)
         self.stack = tuple(stack)
         self.base = base
         self.rank = rank
@@ -118,6 +142,9 @@ class LoRALinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (..., d_in) -> (..., d_out) in the compute dtype."""
+        records = _INPUT_RECORD.get()
+        if records is not None:
+            records.setdefault(self.path, []).append(x)
         y = self.base(x)
         compute = self.base.policy.compute
         h = x.astype(compute)
@@ -145,10 +172,6 @@ def _key_data(key: jax.Array, stack: tuple[int, ...]) -> jax.Array:
 # ----------------------------------------------------------------------------------
 
 
-def _module_path(path: Sequence[Any]) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def _linears(model: nnx.Module) -> list[tuple[tuple[Any, ...], Linear]]:
     """Every :class:`Linear` not already wrapped, with its graph path."""
     found = []
@@ -161,7 +184,7 @@ def _linears(model: nnx.Module) -> list[tuple[tuple[Any, ...], Linear]]:
 def lora_modules(model: nnx.Module) -> list[tuple[str, LoRALinear]]:
     """``[(module path, LoRALinear), ...]`` of a model after :func:`apply_lora`."""
     return [
-        (_module_path(path), node)
+        (path_to_str(path), node)
         for path, node in nnx.iter_graph(model)
         if isinstance(node, LoRALinear)
     ]
@@ -187,7 +210,7 @@ def apply_lora(
     dropout: float = 0.0,
 ) -> list[str]:
     """Wrap every :class:`Linear` whose module path (``layers/attn/q_proj``) matches a
-    target regex (``re.search``) in a :class:`LoRALinear`, in place.
+    target regex (``cljax.paths.match_paths``) in a :class:`LoRALinear`, in place.
 
     Published settings (O-LoRA / GORP): ``targets=(r"attn/q_proj$", r"attn/v_proj$")``,
     rank 8, alpha 32, dropout 0.1. Returns the wrapped paths.
@@ -196,24 +219,16 @@ def apply_lora(
     Linear paths), or when the rank is outside ``[1, min(d_in, d_out)]`` (naming the
     module path).
     """
-    patterns = [targets] if isinstance(targets, str) else list(targets)
-    if not patterns:
-        raise ValueError("apply_lora needs at least one target pattern")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     linears = _linears(model)
-    names = [_module_path(p) for p, _ in linears]
-    chosen: dict[str, tuple[tuple[Any, ...], Linear]] = {}
-    for pattern in patterns:
-        hits = [i for i, name in enumerate(names) if re.search(pattern, name)]
-        if not hits:
-            wrapped = [p for p, _ in lora_modules(model)]
-            raise ValueError(
-                f"LoRA target pattern {pattern!r} matches no Linear module; Linear paths: "
-                f"{names}" + (f"; already wrapped: {wrapped}" if wrapped else "")
-            )
-        for i in hits:
-            chosen[names[i]] = linears[i]
+    names = [path_to_str(p) for p, _ in linears]
+    try:
+        hits = match_paths(names, targets, what="LoRA target", kind="Linear module")
+    except ValueError as err:
+        wrapped = [p for p, _ in lora_modules(model)]
+        raise ValueError(f"{err}" + (f"; already wrapped: {wrapped}" if wrapped else "")) from None
+    chosen = {name: linear for name, linear, hit in zip(names, linears, hits, strict=True) if hit}
     for name, (path, linear) in chosen.items():
         d_in, d_out = linear.kernel.shape[-2:]
         if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= min(d_in, d_out):
@@ -222,7 +237,9 @@ def apply_lora(
                 f"outside [1, {min(d_in, d_out)}]"
             )
         _replace(
-            model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs, dropout=dropout)
+            model,
+            path,
+            LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs, dropout=dropout, path=name),
         )
     return list(chosen)
 
@@ -254,7 +271,7 @@ def merge_lora(model: nnx.Module) -> list[str]:
                 kernel.dtype
             )
             _replace(model, tuple(path), node.base)
-            merged.append(_module_path(path))
+            merged.append(path_to_str(path))
     return merged
 
 

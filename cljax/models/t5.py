@@ -1,5 +1,5 @@
 """T5 encoder-decoder (v1.0, v1.1 and Flan-T5) in Flax NNX, layers stacked over a
-leading ``layers`` axis like LLaMA's, so each stack runs as one ``lax.scan``.
+leading ``layers`` axis like LLaMA's, so each stack runs as one ``lax/scan``.
 
 T5 specifics, all as Hugging Face ``T5ForConditionalGeneration`` computes them:
 - RMS norm without mean subtraction (eps 1e-6, float32), applied before each sub-layer;
@@ -15,14 +15,14 @@ T5 specifics, all as Hugging Face ``T5ForConditionalGeneration`` computes them:
 
 State paths (what LoRA, optimizers and the converter address)::
 
-    shared.embedding                                  (vocab, embed)
-    {encoder,decoder}.relative_bias                   (buckets, heads)
-    {encoder,decoder}.layers.self_attn.{q,k,v,o}_proj.kernel   (L, d_in, d_out)
-    decoder.layers.cross_attn.{q,k,v,o}_proj.kernel            (L, d_in, d_out)
-    {encoder,decoder}.layers.mlp.{wi,wo | wi_0,wi_1,wo}.kernel (L, d_in, d_out)
-    {encoder,decoder}.layers.{self_attn,cross_attn,mlp}_norm.scale  (L, embed)
-    {encoder,decoder}.final_norm.scale                (embed,)
-    lm_head.kernel                                    (embed, vocab), untied models only
+    shared/embedding                                  (vocab, embed)
+    {encoder,decoder}/relative_bias                   (buckets, heads)
+    {encoder,decoder}/layers/self_attn/{q,k,v,o}_proj/kernel   (L, d_in, d_out)
+    decoder/layers/cross_attn/{q,k,v,o}_proj/kernel            (L, d_in, d_out)
+    {encoder,decoder}/layers/mlp/{wi,wo | wi_0,wi_1,wo}/kernel (L, d_in, d_out)
+    {encoder,decoder}/layers/{self_attn,cross_attn,mlp}_norm/scale  (L, embed)
+    {encoder,decoder}/final_norm/scale                (embed,)
+    lm_head/kernel                                    (embed, vocab), untied models only
 
 Dropout (``dropout_rate``) is applied where HF applies it in train mode (embeddings,
 attention weights, every sub-layer output, the feed-forward hidden layer, the final
@@ -43,6 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cljax.errors import CheckpointError
+from cljax.models.hf_names import LAYER, TensorRule
 from cljax.models.layers import (
     HF_BOOKKEEPING_FIELDS,
     DTypePolicy,
@@ -879,3 +881,91 @@ def seq2seq_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> 
     ``T5ForConditionalGeneration`` loss with the padded labels set to -100.
     """
     return masked_mean_nll(logits, labels, loss_mask)
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face tensor names
+# ---------------------------------------------------------------------------------------
+
+# Copies of the shared embedding that some T5 checkpoints also store; transformers ties
+# them to ``shared.weight``. ``resolve_hf_config`` checks that they are equal to it.
+EMBED_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def hf_name_map(cfg: T5Config) -> list[TensorRule]:
+    """Hugging Face tensor names <-> cljax paths (``hf_names.TensorRule``)."""
+    rules = [TensorRule("shared.weight", "shared/embedding")]
+    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        block = f"{stack}.block.{LAYER}.layer"
+        # One relative-position table per stack, stored in block 0 and shared by all blocks.
+        rules.append(
+            TensorRule(
+                f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+                f"{stack}/relative_bias",
+            )
+        )
+        # HF sub-layer index -> (HF attention module, cljax attention module)
+        attention = [(0, "SelfAttention", "self_attn")]
+        if stack == "decoder":
+            attention.append((1, "EncDecAttention", "cross_attn"))
+        for index, hf_attn, attn in attention:
+            rules += [
+                TensorRule(
+                    f"{block}.{index}.{hf_attn}.{p}.weight",
+                    f"{stack}/layers/{attn}/{p}_proj/kernel",
+                    "transpose",
+                    n,
+                )
+                for p in "qkvo"
+            ]
+            rules.append(
+                TensorRule(
+                    f"{block}.{index}.layer_norm.weight",
+                    f"{stack}/layers/{attn}_norm/scale",
+                    num_layers=n,
+                )
+            )
+        ff = len(attention)  # the feed-forward sub-layer comes last
+        dense = ("wi_0", "wi_1", "wo") if cfg.is_gated else ("wi", "wo")
+        rules += [
+            TensorRule(
+                f"{block}.{ff}.DenseReluDense.{name}.weight",
+                f"{stack}/layers/mlp/{name}/kernel",
+                "transpose",
+                n,
+            )
+            for name in dense
+        ]
+        rules.append(
+            TensorRule(
+                f"{block}.{ff}.layer_norm.weight", f"{stack}/layers/mlp_norm/scale", num_layers=n
+            )
+        )
+        rules.append(TensorRule(f"{stack}.final_layer_norm.weight", f"{stack}/final_norm/scale"))
+    if not cfg.tie_word_embeddings:
+        rules.append(TensorRule("lm_head.weight", "lm_head/kernel", "transpose"))
+    return rules
+
+
+def resolve_hf_config(cfg: T5Config, tensors: Any) -> T5Config:
+    """Tied or untied output layer, decided as transformers decides it.
+
+    An ``lm_head.weight`` that differs from ``shared.weight`` is a separate output layer
+    even when config.json says ``tie_word_embeddings: true`` (transformers 5 writes that
+    for every T5 and then keeps the two apart); one equal to it is a tied copy. Stored
+    copies of the input embeddings must equal ``shared.weight``.
+    """
+    shared = tensors.read("shared.weight") if "shared.weight" in tensors.located else None
+    for name in EMBED_COPIES:
+        if name in tensors.located and shared is not None:
+            copy = tensors.read(name)
+            if copy.shape != shared.shape or not np.array_equal(copy, shared):
+                raise CheckpointError(
+                    f"{tensors.located[name]}: tensor {name!r} differs from 'shared.weight'; "
+                    "T5 ties the input embeddings of both stacks to it"
+                )
+    if cfg.tie_word_embeddings and "lm_head.weight" in tensors.located and shared is not None:
+        head = tensors.read("lm_head.weight")
+        if head.shape != shared.shape or not np.array_equal(head, shared):
+            cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    return cfg

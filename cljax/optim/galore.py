@@ -28,28 +28,27 @@ would shrink the first post-refresh updates by ``1 - b1``). The update is
 ``scale * back(adam(R))``; weight decay (in :func:`galore`) acts in the full space.
 Untargeted parameters get plain Adam on their full gradient.
 
-Targets are chosen by parameter path (``subspace.path_to_str``, e.g.
-``layers/attn/q_proj/kernel``): see :func:`resolve_targets`.
+Targets are chosen by parameter path (``cljax.paths``, e.g. ``layers/attn/q_proj/kernel``):
+see :func:`resolve_targets`.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from cljax.optim.subspace import batched_svd, path_to_str
+from cljax.optim.subspace import batched_svd
+from cljax.paths import Targets, path_to_str, target_mask
 
 Side = Literal["std", "reverse_std", "left", "right", "full"]
 ResolvedSide = Literal["left", "right", "full"]
 MomentsOnRefresh = Literal["keep", "reset"]
-# Targets: None (every leaf with ndim >= 2), regex pattern(s) searched in the
-# parameter path (subspace.path_to_str), a predicate ``(path, leaf) -> bool``, or a pytree of bools.
-TargetSpec = None | str | Sequence[str] | Callable[[str, Any], bool] | Any
+# Targets: None (every leaf with ndim >= 2) or cljax.paths.Targets.
+TargetSpec = None | Targets
 RankSpec = int | Callable[[str, tuple[int, ...]], int]
 
 _SIDES = ("std", "reverse_std", "left", "right", "full")
@@ -64,9 +63,8 @@ MOMENT_MODES = ("keep", "reset")
 def resolve_targets(params: Any, targets: TargetSpec, *, what: str = "target") -> Any:
     """A pytree of Python bools (same structure as ``params``) marking targeted leaves.
 
-    ``targets``: ``None`` -> every leaf with ``ndim >= 2``; a regex or a sequence of
-    regexes -> leaves whose path (``subspace.path_to_str``) matches one (``re.search``); a callable
-    ``(path, leaf) -> bool``; or a pytree of bools with ``params``' structure.
+    ``targets``: ``None`` -> every leaf with ``ndim >= 2``; else regexes, a predicate
+    ``(path, leaf) -> bool`` or a mask pytree (``cljax.paths.target_mask``).
 
     ``None`` suits plain dicts of matrices; on a model with stacked layers pass patterns,
     since a stacked vector (e.g. norm scales ``(L, d)``) also has ``ndim == 2``.
@@ -79,29 +77,8 @@ def resolve_targets(params: Any, targets: TargetSpec, *, what: str = "target") -
     leaves = [leaf for _, leaf in flat]
     if targets is None:
         mask = [jnp.ndim(leaf) >= 2 for leaf in leaves]
-    elif isinstance(targets, str) or (
-        isinstance(targets, Sequence) and all(isinstance(t, str) for t in targets)
-    ):
-        patterns = [targets] if isinstance(targets, str) else list(targets)
-        if not patterns:
-            raise ValueError(f"empty {what} pattern list")
-        hits = [[re.search(pat, path) is not None for path in paths] for pat in patterns]
-        for pat, hit in zip(patterns, hits, strict=True):
-            if not any(hit):
-                shown = ", ".join(paths[:12]) + (", ..." if len(paths) > 12 else "")
-                raise ValueError(
-                    f"{what} pattern {pat!r} matches no parameter; parameter paths: {shown}"
-                )
-        mask = [any(col) for col in zip(*hits, strict=True)]
-    elif callable(targets):
-        mask = [bool(targets(path, leaf)) for path, leaf in zip(paths, leaves, strict=True)]
     else:
-        mask_flat, mask_def = jax.tree_util.tree_flatten(targets)
-        if mask_def != treedef:
-            raise ValueError(
-                f"{what} mask structure {mask_def} differs from the parameters' {treedef}"
-            )
-        mask = [bool(m) for m in mask_flat]
+        mask = target_mask(params, targets, what=what)
     for path, leaf, on in zip(paths, leaves, mask, strict=True):
         if on and jnp.ndim(leaf) < 2:
             raise ValueError(

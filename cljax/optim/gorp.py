@@ -60,7 +60,8 @@ from cljax.optim.galore import (
     unzip_tree,
     validate_common,
 )
-from cljax.optim.subspace import path_to_str
+from cljax.optim.subspace import grow_basis, remove_basis
+from cljax.paths import path_to_str
 
 LoraBasisSide = Literal["input", "rank"]
 Role = Literal["full", "lora_a", "plain"]
@@ -161,14 +162,6 @@ def make_gorp_plans(
 
 def _swap(x: jax.Array, transpose: bool) -> jax.Array:
     return jnp.swapaxes(x, -1, -2) if transpose else x
-
-
-def remove_basis(x: jax.Array, basis: jax.Array) -> jax.Array:
-    """``x - S (S^T x)`` for x (..., d, c) and S (..., d, k), without forming S S^T."""
-    # Full float32 precision: accelerators' default matmul precision would leave an
-    # O(1e-3) component in S, defeating the exact orthogonality this exists for.
-    coeff = jnp.einsum("...dk,...dc->...kc", basis, x, precision=jax.lax.Precision.HIGHEST)
-    return x - jnp.einsum("...dk,...kc->...dc", basis, coeff, precision=jax.lax.Precision.HIGHEST)
 
 
 def _init_leaf(plan: GorpPlan, leaf: Any) -> tuple[jax.Array, ...]:
@@ -376,39 +369,6 @@ def gorp(
 # ----------------------------------------------------------------------------------
 # Task end: grow the shared space from Adam's first moment
 # ----------------------------------------------------------------------------------
-
-
-def grow_basis(
-    moment: jax.Array, basis: jax.Array, used: jax.Array, threshold: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Grow one matrix's shared space from its first moment (GPM's energy rule).
-
-    moment: (d, c) float32; basis: (d, capacity), columns ``[used, capacity)`` zero;
-    used: () int32; threshold: eps in (0, 1].
-
-    First task (``used == 0``): add the first k left singular vectors of ``M``, k the
-    number of i whose cumulative energy ``sum_{j<=i} s_j^2 / |M|^2`` is below eps.
-    Later tasks: ``M' = M - S S^T M``, ``acc = (|M|^2 - |M'|^2) / |M|^2``; add left
-    singular vectors of ``M'`` one by one while ``acc < eps``, each adding
-    ``s_i^2 / |M|^2``. The total is capped at ``capacity``. Returns (basis, used).
-    """
-    capacity = basis.shape[-1]
-    total = jnp.sum(jnp.square(moment))
-    residual = remove_basis(moment, basis)
-    u, s, _ = jnp.linalg.svd(residual, full_matrices=False)
-    safe_total = jnp.where(total > 0, total, 1.0)
-    ratio = jnp.square(s) / safe_total
-    first_k = jnp.sum(jnp.cumsum(ratio) < threshold)
-    accumulated = (total - jnp.sum(jnp.square(residual))) / safe_total
-    before_each = accumulated + jnp.cumsum(ratio) - ratio  # acc before adding vector i
-    expand_k = jnp.sum(before_each < threshold)
-    k = jnp.where(used == 0, first_k, expand_k)
-    k = jnp.where(total > 0, k, 0)
-    k = jnp.minimum(k, capacity - used).astype(jnp.int32)
-    source = jnp.arange(capacity) - used  # column j of S takes vector j - used of M'
-    take = (source >= 0) & (source < k)
-    picked = jnp.take(u, jnp.clip(source, 0, u.shape[-1] - 1), axis=-1)
-    return jnp.where(take[None, :], picked, basis), used + k
 
 
 def _grow_leaf(moment: jax.Array, basis: jax.Array, used: jax.Array, threshold: jax.Array):

@@ -22,8 +22,7 @@ Typical use at the start of task ``t >= 2``::
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -37,14 +36,12 @@ from cljax.optim.subspace import (
     SubspaceBasis,
     build_bases,
     fraction_rank,
-    named_leaves,
-    path_to_str,
     project_complement,
     static_flags,
 )
+from cljax.paths import Targets, named_leaves, path_to_str, target_mask
 
 Mode = Literal["two_sided", "block"]
-Targets = Sequence[str] | Callable[[str, jax.Array], bool]
 RankSpec = float | Mapping[str, Any] | Callable[[str, tuple[int, ...]], Any]
 
 _MODES = ("two_sided", "block")
@@ -54,33 +51,21 @@ _MODES = ("two_sided", "block")
 
 
 def select_targets(params: Any, targets: Targets) -> dict[str, jax.Array]:
-    """The targeted leaves of ``params`` by parameter path (see ``subspace.path_to_str``).
+    """The targeted leaves of ``params`` by parameter path (``cljax.paths``).
 
     Args:
       params: any pytree of arrays (dict, ``nnx.State``...).
-      targets: regex patterns, each ``re.search``-ed against every path and required to
-        match at least one; or a label function ``(path, leaf) -> bool``.
+      targets: regexes (each must match a path), a predicate ``(path, leaf) -> bool``, or
+        a mask pytree (``cljax.paths.target_mask``).
 
     Returns:
       ``{path: leaf}``; every leaf must be a matrix or a stack ``(..., m, n)``.
     """
     leaves = named_leaves(params)
-    if callable(targets):
-        chosen = {p: x for p, x in leaves.items() if targets(p, x)}
-        if not chosen:
-            raise ValueError("the OSF target function selected no parameter")
-    else:
-        if isinstance(targets, str):
-            raise TypeError(f"targets must be a sequence of patterns, got the string {targets!r}")
-        chosen = {}
-        for pattern in targets:
-            hits = {p: x for p, x in leaves.items() if re.search(pattern, p)}
-            if not hits:
-                raise ValueError(
-                    f"OSF target pattern {pattern!r} matches no parameter path; paths are"
-                    f" {sorted(leaves)}"
-                )
-            chosen.update(hits)
+    mask = target_mask(params, targets, what="OSF target")
+    chosen = {p: x for (p, x), on in zip(leaves.items(), mask, strict=True) if on}
+    if not chosen:
+        raise ValueError("the OSF targets select no parameter")
     for path, x in chosen.items():
         if np.ndim(x) < 2:
             raise ValueError(

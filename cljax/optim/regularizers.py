@@ -110,6 +110,21 @@ def l2_to_anchor(params: Any, anchor: Any) -> jax.Array:
     return sum(jax.tree.leaves(terms), jnp.zeros((), jnp.float32))
 
 
+def distillation_kl(
+    teacher_logits: jax.Array, student_logits: jax.Array, mask: jax.Array, temperature: float
+) -> jax.Array:
+    """Learning without Forgetting's term: ``T^2 * KL(p_teacher || p_student)`` of the
+    next-token distributions at temperature ``T``, averaged over the positions where
+    ``mask`` (B, T) is 1 (float32 scalar). Logits are (B, T, V); the teacher's carry no
+    gradient."""
+    t = jnp.float32(temperature)
+    teacher = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32) / t)
+    student = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+    per_position = jnp.sum(jnp.exp(teacher) * (teacher - student), axis=-1)
+    weights = mask.astype(jnp.float32)
+    return t * t * jnp.sum(per_position * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def stack_batches(batches: Sequence[Any]) -> Any:
     """A list of equally shaped batch pytrees -> one pytree with a leading batch axis."""
     if not batches:

@@ -42,38 +42,6 @@ Layout = Literal["flax", "torch"]
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-# --------------------------------------------------------------------------- paths
-
-
-def path_to_str(path: Sequence[Any]) -> str:
-    """A '/'-joined name for a pytree key path, e.g. ``layers/attn/q_proj/kernel``.
-
-    The trailing ``.value`` attribute of an ``nnx.Variable`` is dropped, so a plain
-    dict of arrays and an ``nnx.State`` of the same model give the same names.
-    """
-    parts = []
-    for key in path:
-        if isinstance(key, jax.tree_util.DictKey):
-            parts.append(str(key.key))
-        elif isinstance(key, jax.tree_util.GetAttrKey):
-            parts.append(key.name)
-        elif isinstance(key, jax.tree_util.SequenceKey):
-            parts.append(str(key.idx))
-        elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(key.key))
-        else:
-            parts.append(str(key))
-    if len(path) > 1 and parts[-1] in ("value", "raw_value"):
-        parts.pop()
-    return "/".join(parts)
-
-
-def named_leaves(tree: Any) -> dict[str, Any]:
-    """``{path string: leaf}`` for every array leaf of ``tree`` (see :func:`path_to_str`)."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {path_to_str(path): leaf for path, leaf in flat}
-
-
 # --------------------------------------------------------------------------- SVD
 
 
@@ -662,3 +630,50 @@ def high_columns(side: Side) -> list[np.ndarray]:
             q = u[:, s > 0.5]
         out.append(q)
     return out
+
+
+# --------------------------------------------------------------------------- shared spaces
+# A space of earlier tasks' directions grown by GPM's energy rule (Saha et al. 2021),
+# kept as a zero-padded basis of fixed capacity so that its shape never changes: GORP's
+# shared gradient space; the same rule serves input-subspace methods.
+
+
+def remove_basis(x: jax.Array, basis: jax.Array) -> jax.Array:
+    """``x - S (S^T x)`` for x (..., d, c) and S (..., d, k), without forming S S^T."""
+    # Full float32 precision: accelerators' default matmul precision would leave an
+    # O(1e-3) component in S, defeating the exact orthogonality this exists for.
+    coeff = jnp.einsum("...dk,...dc->...kc", basis, x, precision=jax.lax.Precision.HIGHEST)
+    return x - jnp.einsum("...dk,...kc->...dc", basis, coeff, precision=jax.lax.Precision.HIGHEST)
+
+
+def grow_basis(
+    moment: jax.Array, basis: jax.Array, used: jax.Array, threshold: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Grow one matrix's shared space from its first moment (GPM's energy rule).
+
+    moment: (d, c) float32; basis: (d, capacity), columns ``[used, capacity)`` zero;
+    used: () int32; threshold: eps in (0, 1].
+
+    First task (``used == 0``): add the first k left singular vectors of ``M``, k the
+    number of i whose cumulative energy ``sum_{j<=i} s_j^2 / |M|^2`` is below eps.
+    Later tasks: ``M' = M - S S^T M``, ``acc = (|M|^2 - |M'|^2) / |M|^2``; add left
+    singular vectors of ``M'`` one by one while ``acc < eps``, each adding
+    ``s_i^2 / |M|^2``. The total is capped at ``capacity``. Returns (basis, used).
+    """
+    capacity = basis.shape[-1]
+    total = jnp.sum(jnp.square(moment))
+    residual = remove_basis(moment, basis)
+    u, s, _ = jnp.linalg.svd(residual, full_matrices=False)
+    safe_total = jnp.where(total > 0, total, 1.0)
+    ratio = jnp.square(s) / safe_total
+    first_k = jnp.sum(jnp.cumsum(ratio) < threshold)
+    accumulated = (total - jnp.sum(jnp.square(residual))) / safe_total
+    before_each = accumulated + jnp.cumsum(ratio) - ratio  # acc before adding vector i
+    expand_k = jnp.sum(before_each < threshold)
+    k = jnp.where(used == 0, first_k, expand_k)
+    k = jnp.where(total > 0, k, 0)
+    k = jnp.minimum(k, capacity - used).astype(jnp.int32)
+    source = jnp.arange(capacity) - used  # column j of S takes vector j - used of M'
+    take = (source >= 0) & (source < k)
+    picked = jnp.take(u, jnp.clip(source, 0, u.shape[-1] - 1), axis=-1)
+    return jnp.where(take[None, :], picked, basis), used + k

@@ -11,7 +11,8 @@ and collect the results under experiments/results/cpu_pretrained/<variant>/:
 
     bash experiments/run_cpu_pretrained.sh llama
 
-``llama`` / ``t5`` run order 1, ``llama-long`` / ``t5-long`` the 8-task order. One run
+``llama`` / ``t5`` run order 1, ``llama-long`` / ``t5-long`` the 8-task order, and
+``llama-general`` / ``t5-general`` order 1 with the general-ability retention sets. One run
 is ``cljax run experiments/configs/cpu_pretrained.py:llama method.name=osf data.seed=1
 train.seed=1``. The validation probes behind the choices below, with their commands,
 are in ``experiments/results/bases/README.md``.
@@ -50,23 +51,30 @@ from cljax.published import method_settings
 ROOT = Path(__file__).resolve().parents[2]
 # the orders are defined where the bases' corpora leave them out
 ORDERS = runpy.run_path(str(Path(__file__).with_name("pretrain_small.py")))["ORDERS"]
-NAMES = ("llama", "llama-long", "t5", "t5-long")
+NAMES = ("llama", "llama-long", "llama-general", "t5", "t5-long", "t5-general")
+# General abilities of the bases: tasks of their pretraining corpus whose test files were
+# never trained on (IMDB and MultiRC have none offline; a carved split could hold
+# pretraining sentences).
+GENERAL = ["SST-2", "CB", "WiC", "COPA"]
 FULL_LEARNING_RATE = {"llama": 1e-3, "t5": 1e-3}
 LORA_LEARNING_RATE = {"llama": 3e-3, "t5": 3e-3}
 
 
 def get_config(name: str = "llama") -> Config:
-    """``llama`` / ``t5``: order 1; ``llama-long`` / ``t5-long``: the 8-task order."""
+    """``llama`` / ``t5``: order 1; ``llama-long`` / ``t5-long``: the 8-task order;
+    ``llama-general`` / ``t5-general``: order 1 with the bases' general abilities
+    (``GENERAL``) scored before and after every task."""
     if name not in NAMES:
         raise ValueError(f"cpu_pretrained: {name!r}; valid: {', '.join(NAMES)}")
-    family, _, long = name.partition("-")
+    family, _, variant = name.partition("-")
     base = ROOT / "runs" / "bases" / f"small-{family}" / "model"  # one base, both orders
     cfg = Config()
     cfg.model.family = family
     cfg.model.checkpoint = str(base)
     cfg.data.tokenizer = str(base)
     cfg.data.source = "json"
-    cfg.data.order = ORDERS["long" if long else "order1"]
+    cfg.data.order = ORDERS["long" if variant == "long" else "order1"]
+    cfg.eval.general = GENERAL if variant == "general" else []
     cfg.data.holdout_fraction = 0.5
     cfg.data.train_per_class = 32
     cfg.data.test_per_class = 16

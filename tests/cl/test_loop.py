@@ -22,7 +22,7 @@ from cljax.config import Config, apply_overrides
 from cljax.errors import ConfigChangedError, ConfigError, NonFiniteLossError, RunLockedError
 from cljax.models.layers import record_layers
 from cljax.optim.osf import osf_bases
-from cljax.optim.subspace import named_leaves
+from cljax.paths import named_leaves
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -564,3 +564,49 @@ def test_method_options_are_typed_and_checked_at_start_up(tmp_path, method, opti
     with pytest.raises(ValueError, match=f"method.options.{message}"):
         loop.ContinualRun(cfg, log=_quiet)
     assert not (tmp_path / cfg.run.name).exists()  # before any work
+
+
+def test_the_loop_serves_what_a_method_declares_it_needs(tmp_path, monkeypatch):
+    """Calibration batches of the previous or the current task, and Fisher batches,
+    come from ``Method.needs()``: the loop reads no option name."""
+    from cljax.cl.methods import Needs, SeqFT
+
+    seen = []
+
+    def needs(self):
+        return Needs(calibration=2, calibration_task="current", fisher=3)
+
+    def begin_task(self, t, model, calibration):
+        seen.append(("calibration", t, len(list(calibration()))))
+
+    def end_task(self, t, model, opt_state, fisher):
+        leaves = jax.tree.leaves(fisher())
+        seen.append(("fisher", t, all(bool(jnp.all(x >= 0)) for x in leaves)))
+        return opt_state
+
+    monkeypatch.setattr(SeqFT, "needs", needs)
+    monkeypatch.setattr(SeqFT, "begin_task", begin_task)
+    monkeypatch.setattr(SeqFT, "end_task", end_task)
+    loop.run_experiment(tiny_config(tmp_path, "llama", "seqft"), log=_quiet)
+    # the current task's batches from the first task on; the Fisher after each task
+    assert seen == [
+        ("calibration", 0, 2),
+        ("fisher", 0, True),
+        ("calibration", 1, 2),
+        ("fisher", 1, True),
+    ]
+
+
+@pytest.mark.parametrize("method", ["osf", "gorp"])
+def test_gradient_accumulation_runs_through_every_hook(tmp_path, method):
+    """optax.MultiSteps around a transform whose state the method reads between tasks
+    (GORP's shared space) or that it rebuilds per task (OSF's bases)."""
+    cfg = tiny_config(tmp_path, "llama", method, "train.grad_accum_steps=2", "train.batch_size=4")
+    loop.run_experiment(cfg, log=_quiet)
+    run_dir = tmp_path / f"llama-{method}"
+    steps = train_log(run_dir)
+    # optimizer steps of 2 micro-batches of 4: the first task's 12 examples give 2 (the
+    # step cap), the second's 8 give 1
+    assert [(e["phase"], e["step"]) for e in steps] == [(0, 1), (0, 2), (1, 1)]
+    assert all(np.isfinite(e["loss"]) for e in steps)
+    assert json.loads((run_dir / "accuracy.json").read_text())["tasks_done"] == 2

@@ -4,7 +4,7 @@ reference values (a reference implementation's worked example, hand computations
 import pytest
 
 from cljax.cl import scoring
-from cljax.cl.scoring import exact_match, extract_answer, normalize_answer
+from cljax.cl.scoring import extract_answer, normalize_answer
 from cljax.errors import UnknownNameError
 
 
@@ -20,13 +20,16 @@ def test_extract_answer_takes_text_after_the_last_marker():
     assert extract_answer("World") == "World"
 
 
-def test_exact_match():
-    got = exact_match(
-        ["Answer: World", "sports.", "Business news"], ["World", "Sports", "Business"]
+def test_classification_accuracy_is_exact_match_of_the_normalised_label():
+    got = scoring.score(
+        "accuracy",
+        ["Answer: World", "sports.", "Business news"],
+        ["World", "Sports", "Business"],
+        extract="label",
     )
-    assert got == [True, True, False]
-    with pytest.raises(ValueError, match="2 predictions for 1 labels"):
-        exact_match(["a", "b"], ["a"])
+    assert got == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        scoring.score("accuracy", ["a", "b"], ["a"], extract="label")
 
 
 # ------------------------------------------------------------------- free-text metrics

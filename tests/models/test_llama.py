@@ -53,33 +53,43 @@ HF_VARIANTS = {
         tie_word_embeddings=True,
         rope_scaling={"rope_type": "linear", "factor": 2.0},
         rope_theta=500000.0,
+        attention_bias=True,  # q, k, v and o biases
     ),
 }
 
 
+# The shape of every small random transformers model of the LLaMA family's tests
+# (std 0.2 so that logits are not flat).
+HF_TINY = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 def hf_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    """A small random transformers LLaMA in float32 (std 0.2 so logits are not flat)."""
-    kwargs = dict(
-        vocab_size=101,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    kwargs.update(overrides)
+    """A small random transformers LLaMA in float32 (``HF_TINY`` with ``overrides``)."""
+    return perturbed(LlamaForCausalLM, HFLlamaConfig(**{**HF_TINY, **overrides}), seed)
+
+
+def perturbed(model_class, config, seed: int):
+    """A random ``model_class(config)`` in eval mode whose norm scales (1 at init) and
+    biases (0) are perturbed, so that a missed or misplaced one shows."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(HFLlamaConfig(**kwargs)).eval()
+    model = model_class(config).eval()
     # Norm scales start at 1; perturb them so a missed or misplaced norm shows.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith("bias"):  # biases start at 0
                 p.add_(0.1 * torch.randn_like(p))
     return model
 
@@ -254,7 +264,7 @@ def test_from_hf_dict_rejects_unsupported_fields():
         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, r"rope_scaling.rope_type 'yarn'"),
         ({"rope_scaling": {"rope_type": "llama3", "factor": 2.0}}, r"lacks field.*low_freq_factor"),
         ({"hidden_act": "gelu"}, r"hidden_act='gelu'"),
-        ({"attention_bias": True}, r"attention_bias=True"),
+        ({"mlp_bias": True}, r"mlp_bias=True"),
         ({"sliding_window": 512}, r"unsupported config field\(s\) \['sliding_window'\]"),
         ({"hidden_size": "32"}, r"hidden_size must be a positive int"),
         ({"num_key_value_heads": 3}, r"not a multiple of num_key_value_heads 3"),

@@ -11,7 +11,7 @@ from flax import nnx
 from cljax.models import layers, lora
 from cljax.models.llama import Llama, LlamaConfig
 from cljax.optim.gorp import end_task, gorp, shared_space
-from cljax.optim.subspace import path_to_str
+from cljax.paths import path_to_str
 
 L, D = 2, 8
 

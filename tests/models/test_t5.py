@@ -33,6 +33,7 @@ from cljax.models.t5 import (
     relative_position_buckets,
     seq2seq_loss,
 )
+from cljax.paths import path_to_str
 from tests.models.trees import assert_trees_close
 
 # The reference models are tiny: torch's thread pool only adds contention on a shared
@@ -257,22 +258,19 @@ def test_preset_parameter_count_matches_transformers(name):
 
 def test_parameters_carry_logical_axes():
     model = nnx.eval_shape(lambda: T5(T5Config.preset("tiny"), rngs=nnx.Rngs(0)))
-    flat = {
-        ".".join(map(str, path)): var
-        for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))
-    }
-    assert logical_axes(flat["decoder.layers.cross_attn.q_proj.kernel"]) == (
+    flat = {path_to_str(path): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    assert logical_axes(flat["decoder/layers/cross_attn/q_proj/kernel"]) == (
         "layers",
         "embed",
         "heads",
     )
-    assert logical_axes(flat["encoder.layers.mlp.wo.kernel"]) == ("layers", "mlp", "embed")
-    assert logical_axes(flat["shared.embedding"]) == ("vocab", "embed")
-    assert logical_axes(flat["lm_head.kernel"]) == ("embed", "vocab")
+    assert logical_axes(flat["encoder/layers/mlp/wo/kernel"]) == ("layers", "mlp", "embed")
+    assert logical_axes(flat["shared/embedding"]) == ("vocab", "embed")
+    assert logical_axes(flat["lm_head/kernel"]) == ("embed", "vocab")
     for path, var in flat.items():
         axes = logical_axes(var)
         assert axes is not None and len(axes) == var.ndim, path
-        assert (axes[0] == "layers") == (".layers." in path), path
+        assert (axes[0] == "layers") == ("/layers/" in path), path
 
 
 def test_config_validation_names_the_field():

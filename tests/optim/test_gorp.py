@@ -9,6 +9,7 @@ import pytest
 
 from cljax.optim import galore as GL
 from cljax.optim import gorp as GP
+from cljax.optim import subspace
 
 FULL = ("tall", "wide", "stack")
 
@@ -166,7 +167,7 @@ def numpy_grow(moment, basis, eps, capacity):
 
 
 def _grow(moment, basis, used, eps):
-    return jax.jit(GP.grow_basis)(moment, basis, used, jnp.float32(eps))
+    return jax.jit(subspace.grow_basis)(moment, basis, used, jnp.float32(eps))
 
 
 def test_basis_growth_matches_numpy_both_branches():

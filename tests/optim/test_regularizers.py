@@ -86,3 +86,23 @@ def test_fisher_diagonal_by_hand():
         loss, {"w": jnp.array([1.0, 2.0])}, batches
     )
     np.testing.assert_allclose(fisher["w"], [10.0, 8.0])
+
+
+def test_distillation_kl_by_hand():
+    teacher = jnp.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.0]]])  # (B=1, T=2, V=3)
+    student = jnp.array([[[1.0, 1.0, 0.0], [3.0, -1.0, 0.0]]])
+    mask = jnp.array([[1, 0]])  # the second position is padding
+    t = 2.0
+
+    def log_softmax(x):
+        x = np.asarray(x, np.float64) / t
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(teacher[0, 0]), log_softmax(student[0, 0])
+    expected = t * t * np.sum(np.exp(p) * (p - q))
+    got = R.distillation_kl(teacher, student, mask, t)
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert float(R.distillation_kl(teacher, teacher, mask, t)) == 0.0
+    # no gradient reaches the teacher
+    grad = jax.grad(lambda a: R.distillation_kl(a, student, mask, t))(teacher)
+    assert not np.any(np.asarray(grad))
