@@ -9,6 +9,7 @@
 # accuracy files, seed 1's plots, the comparison tables and each run's wall time are
 # copied to experiments/results/cpu_pretrained/<variant>/.
 # Extra key=value arguments after the variant apply to every run (e.g. the base's path).
+# COLLECT_ONLY=1 skips the runs and collects the finished ones.
 set -euo pipefail
 
 variant=${1:?usage: run_cpu_pretrained.sh VARIANT [key=value ...]}
@@ -18,10 +19,10 @@ runs="runs/cpu_pretrained"
 results="experiments/results/cpu_pretrained/${variant}"
 cljax="${CLJAX:-.venv/bin/cljax}"
 # full fine-tuning first, the LoRA family last
-all="seqft,osf,mtl,ewc,l2,replay,pertaskft,gorp,olora,seqlora,inclora"
+all="seqft,osf,mtl,ewc,l2,replay,pertaskft,lwf,gorp,olora,seqlora,inclora,inflora"
 seeded="seqft,osf,mtl,gorp,olora"
-# the tables list the methods in the published T5-large ordering, then L2 and PerTaskFT
-table="seqft,seqlora,ewc,replay,inclora,olora,osf,gorp,mtl,l2,pertaskft"
+# the tables list the methods in the published T5-large ordering, then the others
+table="seqft,seqlora,ewc,replay,inclora,olora,osf,gorp,mtl,l2,lwf,inflora,pertaskft"
 
 mkdir -p "$results"
 times="$results/wall_times.tsv"
@@ -39,16 +40,20 @@ one() {  # one() SEED METHOD: a run, timed, unless its directory says it finishe
     printf '%s\t%d\n' "$name" $((SECONDS - start)) >>"$times"
 }
 
-for method in ${all//,/ }; do
-    one 1 "$method" "$@"
-done
-for seed in 2 3; do
-    for method in ${seeded//,/ }; do
-        one "$seed" "$method" "$@"
+if [[ -z ${COLLECT_ONLY:-} ]]; then
+    for method in ${all//,/ }; do
+        one 1 "$method" "$@"
     done
-done
+    for seed in 2 3; do
+        for method in ${seeded//,/ }; do
+            one "$seed" "$method" "$@"
+        done
+    done
+fi
 
+finished() { [[ -f "$1/accuracy_matrix.png" ]]; }
 for dir in "$runs/${variant}"-s*; do
+    finished "$dir" || continue
     name=$(basename "$dir")
     mkdir -p "$results/$name"
     cp "$dir"/accuracy.json "$dir"/accuracy.csv "$results/$name/"
@@ -58,12 +63,18 @@ for dir in "$runs/${variant}"-s*; do
 done
 seed1=()
 for method in ${table//,/ }; do
-    seed1+=("$runs/${variant}-s1-$method")
+    if finished "$runs/${variant}-s1-$method"; then
+        seed1+=("$runs/${variant}-s1-$method")
+    fi
 done
 "$cljax" compare --plot "$results/compare.png" "${seed1[@]}" >"$results/seed1.md"
 seeds=()
 for method in ${table//,/ }; do
-    seeds+=("$runs/${variant}"-s[123]-"$method")
+    for seed in 1 2 3; do
+        if finished "$runs/${variant}-s$seed-$method"; then
+            seeds+=("$runs/${variant}-s$seed-$method")
+        fi
+    done
 done
 "$cljax" compare --mean "${seeds[@]}" >"$results/mean.md"
 cat "$results/seed1.md" "$results/mean.md"

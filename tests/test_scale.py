@@ -143,7 +143,7 @@ def test_osf_state_is_born_sharded_like_the_parameters(osf_setup):
 
 def test_sharded_step_compiles_once_and_keeps_shardings(osf_setup):
     mesh, _, _, tx, graphdef, params, rest, opt_state, opt_sh = osf_setup
-    method = type("NoPenalty", (), {"penalty": lambda self, m, a: None})()
+    method = type("NoPenalty", (), {"penalty": lambda self, m, a, b: None})()
     shardings = (loop.shardings_of(params), opt_sh, loop.shardings_of(rest))
     step = loop.make_train_step(LLAMA, method, tx, graphdef, shardings)
     ids, mask, labels, loss_mask = llama_batch()

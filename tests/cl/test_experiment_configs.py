@@ -12,7 +12,6 @@ from cljax.errors import DataError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[2] / "experiments" / "configs").glob("*.py"))
 VARIANTS = {  # configs taking an argument: every variant
-    "cpu_testbed": ("llama", "t5"),
     "cpu_pretrained": ("llama", "llama-long", "llama-general", "t5", "t5-long", "t5-general"),
     "pretrain_small": ("llama", "t5"),
 }
