@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,tfds
+EXTRAS ?= test,tfds,notebook
 
 .PHONY: install test lint bench demo
 
