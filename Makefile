@@ -2,9 +2,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS ?= test,tfds,notebook
+EXTRAS ?= test,tfds,notebook,docs
 
-.PHONY: install test lint bench demo
+.PHONY: install test lint bench demo docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,8 +17,8 @@ test:
 	$(BIN)/python -m pytest tests
 
 lint:
-	$(BIN)/ruff check cljax tests bench experiments
-	$(BIN)/ruff format --check cljax tests bench experiments
+	$(BIN)/ruff check cljax tests bench experiments docs
+	$(BIN)/ruff format --check cljax tests bench experiments docs
 
 bench:
 	$(BIN)/python bench/generate.py
@@ -28,3 +28,7 @@ bench:
 
 demo:
 	$(BIN)/cljax run experiments/configs/demo.py --methods seqft,osf,gorp,olora,mtl
+
+# API reference from the docstrings (pdoc); any unresolved annotation or reference fails it.
+docs:
+	$(BIN)/python docs/build_api.py -o build/api

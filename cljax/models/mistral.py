@@ -5,7 +5,6 @@ Mistral checkpoint directories work everywhere LLaMA does."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from cljax.models.convert import llama_like_family, register_family
@@ -14,7 +13,7 @@ from cljax.models.llama import PRESETS as LLAMA_PRESETS
 from cljax.models.llama import LlamaConfig, variant_of
 
 
-@dataclasses.dataclass(frozen=True)
+# no new fields: the frozen dataclass's __init__, __eq__ and __hash__ are inherited
 class MistralConfig(LlamaConfig):
     MODEL_TYPE = "mistral"
     ARCHITECTURE = "MistralForCausalLM"

@@ -9,7 +9,9 @@ import dataclasses
 from typing import Any
 
 from cljax.models.convert import llama_like_family, register_family
-from cljax.models.layers import preset_config
+
+# DTypePolicy: the generated __init__ resolves its inherited annotations in this module
+from cljax.models.layers import DTypePolicy, preset_config  # noqa: F401
 from cljax.models.llama import PRESETS as LLAMA_PRESETS
 from cljax.models.llama import LlamaConfig, variant_of
 

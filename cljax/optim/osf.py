@@ -153,7 +153,8 @@ class OSFState(NamedTuple):
     """
 
     bases: dict[str, SubspaceBasis]
-    inner_state: optax.OptState
+    # any optax state; optax.OptState is a recursive alias documentation tools cannot resolve
+    inner_state: Any
 
 
 def _check_bases(params: Any, bases: Mapping[str, SubspaceBasis]) -> None:
