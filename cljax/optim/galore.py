@@ -20,13 +20,16 @@ a Flax kernel ``(in, out)`` is the transpose, so ``std`` projects the same (smal
 physical side except for square matrices (ties go to ``right`` here: the output side
 of a Flax kernel). ``reverse_std`` is what ``optax.contrib.galore`` does.
 
-Adam runs on ``R``: its moments have ``R``'s shape and are kept when the projector is
-refreshed (``moments_on_refresh="keep"``, galore-torch), bias correction counting every
-step; ``"reset"`` zeroes them at each refresh and restarts the bias-correction count
-with them (zeroed moments are a fresh estimate; correcting them with the global count
-would shrink the first post-refresh updates by ``1 - b1``). The update is
-``scale * back(adam(R))``; weight decay (in :func:`galore`) acts in the full space.
-Untargeted parameters get plain Adam on their full gradient.
+A base optimizer (default Adam, as ``optax.contrib.scale_by_galore``'s
+``base_optimizer``) runs on ``R``: its moments have ``R``'s shape and are kept when the
+projector is refreshed (``moments_on_refresh="keep"``, galore-torch), bias correction
+counting every step; ``"reset"`` zeroes them at each refresh and restarts the
+bias-correction count with them (zeroed moments are a fresh estimate; correcting them
+with the global count would shrink the first post-refresh updates by ``1 - b1``). The
+update is ``scale * back(base(R))``; weight decay (in :func:`galore`) acts in the full
+space. Untargeted parameters go through the base optimizer on their full gradient.
+GORP (:mod:`cljax.optim.gorp`) is this transform with a shared-space filter
+(:mod:`cljax.optim.shared_space`) around Adam as the base optimizer.
 
 Targets are chosen by parameter path (``cljax.paths``, e.g. ``layers/attn/q_proj/kernel``):
 see :func:`resolve_targets`.
@@ -53,6 +56,7 @@ RankSpec = int | Callable[[str, tuple[int, ...]], int]
 
 _SIDES = ("std", "reverse_std", "left", "right", "full")
 MOMENT_MODES = ("keep", "reset")
+_MOMENT_FIELDS = ("count", "mu", "nu")
 
 
 # ----------------------------------------------------------------------------------
@@ -195,20 +199,34 @@ def refresh_projectors(
     )
 
 
-def adam_direction(
-    mu: jax.Array,
-    nu: jax.Array,
-    count: jax.Array,
-    b1: float,
-    b2: float,
-    eps: float,
-    eps_root: float,
-) -> jax.Array:
-    """Bias-corrected Adam direction ``mu_hat / (sqrt(nu_hat + eps_root) + eps)``;
-    ``count`` (>= 1) is the number of moment updates so far."""
-    mu_hat = mu / (1 - b1 ** count.astype(jnp.float32))
-    nu_hat = nu / (1 - b2 ** count.astype(jnp.float32))
-    return mu_hat / (jnp.sqrt(nu_hat + eps_root) + eps)
+def to_coords(low: jax.Array, side: ResolvedSide) -> jax.Array:
+    """``R`` as the base optimizer sees it: the side the projector leaves alone first,
+    ``(..., d, r)`` (``d`` = the weight's own rows for ``right``, its columns for
+    ``left``; ``full`` stays ``(..., r, r)``)."""
+    return jnp.swapaxes(low, -1, -2) if side == "left" else low
+
+
+def restart_moments(state: Any, restart: jax.Array) -> Any:
+    """Zero the moment estimates inside an optax state where ``restart`` (traced bool).
+
+    Fields named ``count``, ``mu``, ``nu`` of every NamedTuple state (optax's Adam
+    family: zero moments with a zero count restart the bias correction) are zeroed;
+    any other state (e.g. GORP's shared space) is kept.
+    """
+    if isinstance(state, tuple) and hasattr(state, "_fields"):
+        return type(state)(
+            *(
+                jax.tree.map(lambda x: jnp.where(restart, jnp.zeros_like(x), x), value)
+                if name in _MOMENT_FIELDS
+                else restart_moments(value, restart)
+                for name, value in zip(state._fields, state, strict=True)
+            )
+        )
+    if isinstance(state, (tuple, list)):
+        return type(state)(restart_moments(x, restart) for x in state)
+    if isinstance(state, dict):
+        return {k: restart_moments(v, restart) for k, v in state.items()}
+    return state
 
 
 # ----------------------------------------------------------------------------------
@@ -220,21 +238,21 @@ class GaLoreState(NamedTuple):
     """State of :func:`scale_by_galore`. Per-leaf trees have the parameters' structure.
 
     count: () int32, steps taken (refresh schedule).
-    moment_count: () int32, moment updates since the targets' low-rank moments
-      (re)started (their bias correction); equals ``count`` with
-      ``moments_on_refresh="keep"``. Untargeted leaves always use ``count``.
     left: per target with side left/full ``U_r`` (..., m, r), else a size-0 array.
     right: per target with side right/full ``Vt_r`` (..., r, n), else a size-0 array.
-    mu, nu: Adam moments, float32, in ``R``'s shape for targets (left: (..., r, n),
-      right: (..., m, r), full: (..., r, r)), the parameter's shape otherwise.
+    low_state: the base optimizer's state over the targets' low-rank coordinates
+      (:func:`to_coords`: right ``(..., m, r)``, left ``(..., n, r)``, full
+      ``(..., r, r)``; size-0 arrays stand for the other leaves).
+    rest_state: the base optimizer's state over the other leaves' gradients (float32;
+      size-0 arrays stand for the targets). Kept apart so that
+      ``moments_on_refresh="reset"`` restarts the targets' moments only.
     """
 
     count: jax.Array
-    moment_count: jax.Array
     left: Any
     right: Any
-    mu: Any
-    nu: Any
+    low_state: Any
+    rest_state: Any
 
 
 class LeafPlan(NamedTuple):
@@ -264,14 +282,23 @@ def _is_plan(x: Any) -> bool:
     return isinstance(x, LeafPlan)
 
 
-def init_leaf(plan: LeafPlan, leaf: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(left, right, zero moment) for one leaf."""
-    shape = tuple(jnp.shape(leaf))
+def _init_projectors(plan: LeafPlan, leaf: Any) -> tuple[jax.Array, jax.Array]:
     if plan.side is None:
-        return _empty(), _empty(), jnp.zeros(shape, jnp.float32)
-    left, right, low = projector_shapes(shape, plan.side, plan.rank)
+        return _empty(), _empty()
+    left, right, _ = projector_shapes(tuple(jnp.shape(leaf)), plan.side, plan.rank)
     zeros = lambda s: _empty() if s is None else jnp.zeros(s, jnp.float32)
-    return zeros(left), zeros(right), jnp.zeros(low, jnp.float32)
+    return zeros(left), zeros(right)
+
+
+def _coords_zeros(plan: LeafPlan, leaf: Any) -> jax.Array:
+    if plan.side is None:
+        return _empty()
+    low = projector_shapes(tuple(jnp.shape(leaf)), plan.side, plan.rank)[2]
+    return to_coords(jnp.zeros(low, jnp.float32), plan.side)
+
+
+def _rest(plan: LeafPlan, leaf: Any) -> jax.Array:
+    return _empty() if plan.side is not None else jnp.asarray(leaf).astype(jnp.float32)
 
 
 def scale_by_galore(
@@ -281,13 +308,15 @@ def scale_by_galore(
     *,
     side: Side = "std",
     targets: TargetSpec = None,
+    base_optimizer: optax.GradientTransformation | None = None,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-8,
     eps_root: float = 0.0,
     moments_on_refresh: MomentsOnRefresh = "keep",
 ) -> optax.GradientTransformation:
-    """GaLore-projected Adam direction (no learning rate, no weight decay).
+    """GaLore: ``base_optimizer`` run on the targets' low-rank coordinates, its output
+    projected back (no learning rate, no weight decay).
 
     Args:
       rank: projection rank r per targeted matrix (an int, or ``(path, shape) -> int``);
@@ -295,57 +324,77 @@ def scale_by_galore(
       update_proj_gap: refresh the projectors at steps 0, gap, 2 gap, ...
       scale: multiplies the back-projected update of targeted leaves.
       side: std | reverse_std | left | right | full (see the module docstring).
-      targets: which leaves to project (see :func:`resolve_targets`); the others get
-        plain Adam.
-      b1, b2, eps, eps_root: Adam hyperparameters (as ``optax.scale_by_adam``).
-      moments_on_refresh: keep | reset the low-rank moments at a refresh.
+      targets: which leaves to project (see :func:`resolve_targets`); the others go
+        through the base optimizer unprojected.
+      base_optimizer: a gradient *scaling* transformation (no learning rate, no weight
+        decay: those act in the full space, after the back-projection), as in
+        ``optax.contrib.scale_by_galore``; default ``optax.scale_by_adam(b1, b2, eps,
+        eps_root)``. It sees the targets' coordinates as ``(..., d, r)``
+        (:func:`to_coords`) and every other leaf as its float32 gradient; it runs as
+        two instances (targets, the rest) over trees of the parameters' structure in
+        which size-0 arrays stand for the other group's leaves.
+      b1, b2, eps, eps_root: the default base optimizer's Adam hyperparameters.
+      moments_on_refresh: keep | reset the targets' moments at a refresh
+        (:func:`restart_moments`).
     """
     validate_common(side, update_proj_gap, moments_on_refresh)
     reset = moments_on_refresh == "reset"
+    if base_optimizer is None:
+        base_optimizer = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
     def init_fn(params: Any) -> GaLoreState:
         plans = make_plans(params, targets, side, rank)
-        per_leaf = jax.tree.map(init_leaf, plans, params, is_leaf=_is_plan)
-        left, right, mu = unzip_tree(per_leaf, params, 3)
-        zero = jnp.zeros([], jnp.int32)
-        return GaLoreState(zero, zero, left, right, mu, jax.tree.map(jnp.zeros_like, mu))
+        per_leaf = jax.tree.map(_init_projectors, plans, params, is_leaf=_is_plan)
+        left, right = unzip_tree(per_leaf, params, 2)
+        low = jax.tree.map(_coords_zeros, plans, params, is_leaf=_is_plan)
+        rest = jax.tree.map(_rest, plans, params, is_leaf=_is_plan)
+        rest = jax.tree.map(jnp.zeros_like, rest)
+        return GaLoreState(
+            jnp.zeros([], jnp.int32),
+            left,
+            right,
+            base_optimizer.init(low),
+            base_optimizer.init(rest),
+        )
 
     def update_fn(updates: Any, state: GaLoreState, params: Any = None):
         del params
         plans = make_plans(updates, targets, side, rank)
         refresh = state.count % update_proj_gap == 0
-        count = optax.safe_int32_increment(state.count)
-        restart = refresh & reset
-        moment_count = optax.safe_int32_increment(jnp.where(restart, 0, state.moment_count))
 
-        def leaf_update(plan, grad, left, right, mu, nu):
+        def projectors(plan, grad, left, right):
             if plan.side is None:
-                low, steps = grad.astype(jnp.float32), count
-            else:
-                steps = moment_count
-                left, right = refresh_projectors(grad, left, right, plan.side, plan.rank, refresh)
-                low = project(grad, left, right, plan.side)
-                mu = jnp.where(restart, 0.0, mu)
-                nu = jnp.where(restart, 0.0, nu)
-            mu = b1 * mu + (1 - b1) * low
-            nu = b2 * nu + (1 - b2) * jnp.square(low)
-            direction = adam_direction(mu, nu, steps, b1, b2, eps, eps_root)
-            if plan.side is not None:
-                direction = scale * project_back(direction, left, right, plan.side)
-            return direction.astype(grad.dtype), left, right, mu, nu
+                return left, right
+            return refresh_projectors(grad, left, right, plan.side, plan.rank, refresh)
 
-        out = jax.tree.map(
-            leaf_update,
-            plans,
-            updates,
-            state.left,
-            state.right,
-            state.mu,
-            state.nu,
-            is_leaf=_is_plan,
+        per_leaf = jax.tree.map(
+            projectors, plans, updates, state.left, state.right, is_leaf=_is_plan
         )
-        new_updates, left, right, mu, nu = unzip_tree(out, updates, 5)
-        return new_updates, GaLoreState(count, moment_count, left, right, mu, nu)
+        left, right = unzip_tree(per_leaf, updates, 2)
+
+        def coords(plan, grad, left, right):
+            if plan.side is None:
+                return _empty()
+            return to_coords(project(grad, left, right, plan.side), plan.side)
+
+        low = jax.tree.map(coords, plans, updates, left, right, is_leaf=_is_plan)
+        rest = jax.tree.map(_rest, plans, updates, is_leaf=_is_plan)
+        low_state = state.low_state
+        if reset:
+            low_state = restart_moments(low_state, refresh)
+        low, low_state = base_optimizer.update(low, low_state, None)
+        rest, rest_state = base_optimizer.update(rest, state.rest_state, None)
+
+        def back(plan, grad, left, right, low, rest):
+            if plan.side is None:
+                return rest.astype(grad.dtype)
+            low = to_coords(low, plan.side)  # a transpose: its own inverse
+            full = project_back(low, left, right, plan.side)
+            return (scale * full).astype(grad.dtype)
+
+        new_updates = jax.tree.map(back, plans, updates, left, right, low, rest, is_leaf=_is_plan)
+        count = optax.safe_int32_increment(state.count)
+        return new_updates, GaLoreState(count, left, right, low_state, rest_state)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -365,6 +414,7 @@ def galore(
     weight_decay: float = 0.0,
     weight_decay_mask: Any = None,
     moments_on_refresh: MomentsOnRefresh = "keep",
+    base_optimizer: optax.GradientTransformation | None = None,
 ) -> optax.GradientTransformation:
     """GaLore-Adam(W): ``chain(scale_by_galore, add_decayed_weights, -learning_rate)``.
 
@@ -383,6 +433,7 @@ def galore(
             eps=eps,
             eps_root=eps_root,
             moments_on_refresh=moments_on_refresh,
+            base_optimizer=base_optimizer,
         ),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),

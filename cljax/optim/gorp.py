@@ -10,105 +10,52 @@ Three kinds of leaves in one parameter tree:
   with plain Adam on their gradient with ``S`` removed the same way.
 - everything else: plain Adam (e.g. LoRA ``B``).
 
+It is a composition, not a second optimizer: ``scale_by_galore(base_optimizer=
+orthogonal_to_shared_space(scale_by_adam(), roles))`` (:mod:`cljax.optim.shared_space`
+holds the filter and its growth rule), so there is one Adam and one projection.
+
 Where ``S`` lives. The projector ``P`` touches one side of ``R`` and is refreshed every
 ``gap`` steps, so coordinates on that side change meaning at each refresh; a basis
 stored there (what the release does for a left-projected W: left singular vectors of
 the ``(r, n)`` moment live in the refreshed ``r`` coordinates) describes nothing stable
 by the next task. ``S`` is therefore kept on the side ``P`` does not touch: the ``m``
 rows of a right-projected ``R`` ``(m, r)``, the ``n`` columns of a left-projected ``R``
-``(r, n)``, both of which are coordinates of the weight itself. ``side="full"``
-touches both sides and is rejected. For LoRA ``A`` the side is an option:
-``lora_basis_side="input"`` (the ``d_in`` rows: the input subspace, refresh-free) or
-``"rank"`` (the ``r`` columns: the release's choice, its ``A`` being ``(r, d_in)``).
-
-Internally the low-rank moments of a leaf are stored with the basis side first,
-``(..., d, c)`` (transposed for column-side leaves; Adam is element-wise so the
-orientation changes nothing), which lets :func:`end_task` work on the state alone.
-
-``S`` is stored per leaf as a fixed-capacity array ``(..., d, capacity)`` whose first
-``basis_used`` columns are the basis and the rest zeros (so ``S (S^T R)`` needs no
-mask), with ``capacity = min(d, max_tasks * min(d, c))``: a task end adds at most
-``min(d, c)`` directions (the rank of the moment), so ``max_tasks`` task ends never
-truncate, the basis is capped at its dimension, and shapes stay static for ``jit`` and
-checkpoints. Projections use ``S (S^T R)``, never the dense ``d x d`` ``S S^T``.
+``(r, n)``, both of which are coordinates of the weight itself; GaLore hands its base
+optimizer exactly that side first (:func:`cljax.optim.galore.to_coords`), so full
+targets have the role ``"rows"``. ``side="full"`` touches both sides and is rejected.
+For LoRA ``A`` the side is an option: ``lora_basis_side="input"`` (the ``d_in`` rows:
+the input subspace, refresh-free) or ``"rank"`` (the ``r`` columns: the release's
+choice, its ``A`` being ``(r, d_in)``).
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from cljax.optim.galore import (
+    GaLoreState,
     MomentsOnRefresh,
     RankSpec,
-    ResolvedSide,
     Side,
     TargetSpec,
-    adam_direction,
-    project,
-    project_back,
-    projector_shapes,
-    refresh_projectors,
-    resolve_rank,
-    resolve_side,
     resolve_targets,
-    unzip_tree,
+    scale_by_galore,
     validate_common,
 )
-from cljax.optim.subspace import grow_basis, remove_basis
+from cljax.optim.shared_space import (
+    Role,
+    contains_shared_space,
+    grow_shared_space,
+    keep_only_bases,
+    orthogonal_to_shared_space,
+    validate_threshold,
+)
 from cljax.paths import path_to_str
 
 LoraBasisSide = Literal["input", "rank"]
-Role = Literal["full", "lora_a", "plain"]
-
-
-class GorpState(NamedTuple):
-    """State of :func:`scale_by_gorp`; per-leaf trees have the parameters' structure.
-
-    count: () int32, steps taken this task (refresh schedule, plain/LoRA bias correction).
-    moment_count: () int32, updates since the full targets' moments (re)started.
-    left, right: GaLore projectors of full targets (``U_r`` (..., m, r), ``Vt_r``
-      (..., r, n)); size-0 arrays where unused.
-    mu, nu: Adam moments, float32. Full targets: low-rank, basis side first ((..., m, r)
-      for a right-projected W, (..., n, r) for a left-projected one); LoRA A: (..., d_in,
-      r) (input side) or (..., r, d_in) (rank side); plain leaves: the parameter's shape.
-    basis: shared space ``S`` (..., d, capacity), zero beyond ``basis_used`` columns;
-      size-0 for plain leaves or when the shared space is off.
-    basis_used: (...) int32, columns of ``S`` in use per matrix.
-    """
-
-    count: jax.Array
-    moment_count: jax.Array
-    left: Any
-    right: Any
-    mu: Any
-    nu: Any
-    basis: Any
-    basis_used: Any
-
-
-class GorpPlan(NamedTuple):
-    """Static per-leaf plan."""
-
-    path: str
-    role: Role
-    side: ResolvedSide | None  # GaLore side of a full target
-    rank: int
-    transpose: bool  # basis side is the last axis of R: store R transposed
-    capacity: int  # columns of S (0: no shared space on this leaf)
-
-
-def _is_plan(x: Any) -> bool:
-    return isinstance(x, GorpPlan)
-
-
-def _empty(dtype: Any = jnp.float32) -> jax.Array:
-    return jnp.zeros((0,), dtype)
 
 
 def _mask(params: Any, targets: TargetSpec, what: str) -> list[bool]:
@@ -117,72 +64,31 @@ def _mask(params: Any, targets: TargetSpec, what: str) -> list[bool]:
     return jax.tree.leaves(resolve_targets(params, targets, what=what))
 
 
-def make_gorp_plans(
+def gorp_roles(
     params: Any,
     *,
     full_targets: TargetSpec,
     lora_a_targets: TargetSpec,
-    side: Side,
-    rank: RankSpec,
     lora_basis_side: LoraBasisSide,
     use_shared_space: bool,
-    max_tasks: int,
 ) -> Any:
-    """A pytree (params' structure) of :class:`GorpPlan`; validates targets and ranks."""
+    """The shared-space role of every leaf (a pytree with ``params``' structure): full
+    targets ``"rows"`` (their GaLore coordinates, basis side first), LoRA ``A``
+    ``"rows"`` (input side) or ``"columns"`` (rank side), the rest ``"off"``; all
+    ``"off"`` without the shared space. Validates the targets."""
     full = _mask(params, full_targets, "full_targets")
     lora = _mask(params, lora_a_targets, "lora_a_targets")
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    plans = []
-    for (key_path, leaf), is_full, is_lora in zip(flat, full, lora, strict=True):
-        path = path_to_str(key_path)
-        shape = tuple(jnp.shape(leaf))
+    lora_role: Role = "rows" if lora_basis_side == "input" else "columns"
+    roles: list[Role] = []
+    for (key_path, _), is_full, is_lora in zip(flat, full, lora, strict=True):
         if is_full and is_lora:
-            raise ValueError(f"{path!r} matches both full_targets and lora_a_targets")
-        if is_full:
-            resolved = resolve_side(side, shape)
-            r = resolve_rank(rank, path, shape)
-            # S goes on the side P leaves alone (rows of a right-projected R, columns
-            # of a left-projected one): those are W's own coordinates, unchanged by
-            # projector refreshes; the P side would hold refresh-dependent coordinates.
-            transpose = resolved == "left"
-            low = projector_shapes(shape, resolved, r)[2]
-        elif is_lora:
-            resolved, r = None, 0
-            transpose = lora_basis_side == "rank"
-            low = shape
-        else:
-            plans.append(GorpPlan(path, "plain", None, 0, False, 0))
-            continue
-        d, c = (low[-1], low[-2]) if transpose else (low[-2], low[-1])
-        capacity = min(d, max_tasks * min(d, c)) if use_shared_space else 0
-        role: Role = "full" if is_full else "lora_a"
-        plans.append(GorpPlan(path, role, resolved, r, transpose, capacity))
-    return jax.tree_util.tree_unflatten(treedef, plans)
-
-
-def _swap(x: jax.Array, transpose: bool) -> jax.Array:
-    return jnp.swapaxes(x, -1, -2) if transpose else x
-
-
-def _init_leaf(plan: GorpPlan, leaf: Any) -> tuple[jax.Array, ...]:
-    shape = tuple(jnp.shape(leaf))
-    if plan.role == "plain":
-        moment = jnp.zeros(shape, jnp.float32)
-        return _empty(), _empty(), moment, _empty(), _empty(jnp.int32)
-    if plan.role == "full":
-        left_s, right_s, low = projector_shapes(shape, plan.side, plan.rank)
-        zeros = lambda s: _empty() if s is None else jnp.zeros(s, jnp.float32)
-        left, right = zeros(left_s), zeros(right_s)
-    else:
-        left, right, low = _empty(), _empty(), shape
-    low = _swap(jnp.zeros(low, jnp.float32), plan.transpose)
-    if plan.capacity:
-        *lead, d, _ = low.shape
-        basis = jnp.zeros((*lead, d, plan.capacity), jnp.float32)
-        used = jnp.zeros(tuple(lead), jnp.int32)
-    else:
-        basis, used = _empty(), _empty(jnp.int32)
-    return left, right, low, basis, used
+            raise ValueError(
+                f"{path_to_str(key_path)!r} matches both full_targets and lora_a_targets"
+            )
+        role: Role = "rows" if is_full else lora_role if is_lora else "off"
+        roles.append(role if use_shared_space else "off")
+    return jax.tree_util.tree_unflatten(treedef, roles)
 
 
 def scale_by_gorp(
@@ -222,6 +128,9 @@ def scale_by_gorp(
         Adam's element-wise division does not preserve it).
       lora_basis_side: input | rank (see the module docstring).
       max_tasks: task ends the fixed-size basis must hold without truncation.
+
+    The state is a :class:`cljax.optim.galore.GaLoreState` whose base-optimizer states
+    are :class:`cljax.optim.shared_space.SharedSpaceState` around Adam's.
     """
     validate_common(side, update_proj_gap, moments_on_refresh)
     if side == "full":
@@ -233,73 +142,36 @@ def scale_by_gorp(
         raise ValueError(f"lora_basis_side={lora_basis_side!r}; valid: ('input', 'rank')")
     if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
         raise ValueError(f"max_tasks must be an int >= 1, got {max_tasks!r}")
-    reset = moments_on_refresh == "reset"
+    adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
 
-    def plans_for(params):
-        return make_gorp_plans(
-            params,
+    def compose(tree: Any) -> optax.GradientTransformation:
+        # The roles come from the real parameters (or their gradients, same shapes);
+        # GaLore's base optimizer sees trees of the same structure.
+        roles = gorp_roles(
+            tree,
             full_targets=full_targets,
             lora_a_targets=lora_a_targets,
-            side=side,
-            rank=rank,
             lora_basis_side=lora_basis_side,
             use_shared_space=use_shared_space,
-            max_tasks=max_tasks,
+        )
+        inner = orthogonal_to_shared_space(
+            adam, roles, max_tasks=max_tasks, reproject_update=reproject_update
+        )
+        return scale_by_galore(
+            rank,
+            update_proj_gap,
+            scale,
+            side=side,
+            targets=full_targets,
+            base_optimizer=inner,
+            moments_on_refresh=moments_on_refresh,
         )
 
-    def init_fn(params: Any) -> GorpState:
-        per_leaf = jax.tree.map(_init_leaf, plans_for(params), params, is_leaf=_is_plan)
-        left, right, mu, basis, used = unzip_tree(per_leaf, params, 5)
-        zero = jnp.zeros([], jnp.int32)
-        nu = jax.tree.map(jnp.zeros_like, mu)
-        return GorpState(zero, zero, left, right, mu, nu, basis, used)
+    def init_fn(params: Any) -> GaLoreState:
+        return compose(params).init(params)
 
-    def update_fn(updates: Any, state: GorpState, params: Any = None):
-        del params
-        refresh = state.count % update_proj_gap == 0
-        count = optax.safe_int32_increment(state.count)
-        restart = refresh & reset
-        moment_count = optax.safe_int32_increment(jnp.where(restart, 0, state.moment_count))
-
-        def leaf_update(plan, grad, left, right, mu, nu, basis):
-            steps = count
-            if plan.role == "full":
-                left, right = refresh_projectors(grad, left, right, plan.side, plan.rank, refresh)
-                low = project(grad, left, right, plan.side)
-                mu = jnp.where(restart, 0.0, mu)
-                nu = jnp.where(restart, 0.0, nu)
-                steps = moment_count
-            else:
-                low = grad.astype(jnp.float32)
-            low = _swap(low, plan.transpose)
-            if plan.capacity:
-                low = remove_basis(low, basis)
-            mu = b1 * mu + (1 - b1) * low
-            nu = b2 * nu + (1 - b2) * jnp.square(low)
-            direction = adam_direction(mu, nu, steps, b1, b2, eps, eps_root)
-            if plan.capacity and reproject_update:
-                direction = remove_basis(direction, basis)
-            direction = _swap(direction, plan.transpose)
-            if plan.role == "full":
-                direction = scale * project_back(direction, left, right, plan.side)
-            return direction.astype(grad.dtype), left, right, mu, nu
-
-        out = jax.tree.map(
-            leaf_update,
-            plans_for(updates),
-            updates,
-            state.left,
-            state.right,
-            state.mu,
-            state.nu,
-            state.basis,
-            is_leaf=_is_plan,
-        )
-        new_updates, left, right, mu, nu = unzip_tree(out, updates, 5)
-        new_state = GorpState(
-            count, moment_count, left, right, mu, nu, state.basis, state.basis_used
-        )
-        return new_updates, new_state
+    def update_fn(updates: Any, state: GaLoreState, params: Any = None):
+        return compose(updates).update(updates, state, params)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -371,72 +243,25 @@ def gorp(
 # ----------------------------------------------------------------------------------
 
 
-def _grow_leaf(moment: jax.Array, basis: jax.Array, used: jax.Array, threshold: jax.Array):
-    if basis.size == 0:
-        return basis, used
-    *lead, d, c = moment.shape
-    flat = jax.vmap(grow_basis, in_axes=(0, 0, 0, None))(
-        moment.reshape(-1, d, c),
-        basis.reshape(-1, d, basis.shape[-1]),
-        used.reshape(-1),
-        threshold,
-    )
-    return flat[0].reshape(basis.shape), flat[1].reshape(used.shape)
+def _is_gorp(s: Any) -> bool:
+    return isinstance(s, GaLoreState) and contains_shared_space(s)
 
 
-@partial(jax.jit, static_argnames=("restart",))
-def _end_task_state(state: GorpState, threshold: jax.Array, restart: bool) -> GorpState:
-    grown = jax.tree.map(
-        lambda m, b, u: _grow_leaf(m, b, u, threshold), state.mu, state.basis, state.basis_used
-    )
-    basis, used = unzip_tree(grown, state.mu, 2)
-    if not restart:
-        return state._replace(basis=basis, basis_used=used)
-    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-    zero = jnp.zeros([], jnp.int32)
-    return GorpState(
-        zero, zero, zeros(state.left), zeros(state.right), zeros(state.mu), zeros(state.nu),
-        basis, used,
-    )  # fmt: skip
+_restart = jax.jit(keep_only_bases)
 
 
 def end_task(opt_state: Any, threshold: float = 0.9, *, restart: bool = True) -> Any:
-    """Grow the shared space of every :class:`GorpState` inside ``opt_state`` from
-    Adam's first moment (see :func:`grow_basis`).
+    """Grow GORP's shared space inside ``opt_state`` (an optax state pytree, e.g.
+    ``gorp(...).init(params)``) from Adam's first moment
+    (:func:`cljax.optim.shared_space.grow_shared_space`); returns the new state.
 
-    ``opt_state``: an optax state pytree (e.g. ``gorp(...).init(params)``; the new state
-    is returned) or an ``nnx.Optimizer`` (its state is updated in place; the optimizer
-    is returned). With ``restart`` the step counts, moments and projectors are zeroed
+    With ``restart`` every GORP state's step count, moments and projectors are zeroed
     for the next task (each task starts a fresh optimizer, as the published runs did;
-    the next step refreshes the projectors); the bases are kept.
+    the next step refreshes the projectors); the bases are kept. For an
+    ``nnx.Optimizer`` use :func:`cljax.optim.nnx_optimizer.map_opt_state`.
     """
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
-    if isinstance(opt_state, nnx.Optimizer):
-        new = end_task(nnx.as_pure(opt_state.opt_state), threshold, restart=restart)
-        nnx.update(opt_state.opt_state, nnx.state(new, graph=opt_state.graph))
-        return opt_state
-    thr = jnp.asarray(threshold, jnp.float32)
-    return jax.tree.map(
-        lambda s: _end_task_state(s, thr, restart) if isinstance(s, GorpState) else s,
-        opt_state,
-        is_leaf=lambda s: isinstance(s, GorpState),
-    )
-
-
-def shared_space(opt_state: Any) -> list[tuple[jax.Array, jax.Array]]:
-    """``[(basis, basis_used), ...]`` per :class:`GorpState` leaf with a basis, in
-    flattening order (for inspection and tests); ``opt_state`` as in :func:`end_task`."""
-    if isinstance(opt_state, nnx.Optimizer):
-        opt_state = nnx.as_pure(opt_state.opt_state)
-    out: list[tuple[jax.Array, jax.Array]] = []
-    states = [
-        s
-        for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, GorpState))
-        if isinstance(s, GorpState)
-    ]
-    for s in states:
-        for b, u in zip(jax.tree.leaves(s.basis), jax.tree.leaves(s.basis_used), strict=True):
-            if b.size:
-                out.append((b, u))
-    return out
+    validate_threshold(threshold)
+    grown = grow_shared_space(opt_state, threshold)
+    if not restart:
+        return grown
+    return jax.tree.map(lambda s: _restart(s) if _is_gorp(s) else s, grown, is_leaf=_is_gorp)

@@ -10,7 +10,9 @@ from flax import nnx
 
 from cljax.models import layers, lora
 from cljax.models.llama import Llama, LlamaConfig
-from cljax.optim.gorp import end_task, gorp, shared_space
+from cljax.optim.gorp import end_task, gorp
+from cljax.optim.nnx_optimizer import map_opt_state, opt_state_of
+from cljax.optim.shared_space import shared_bases
 from cljax.paths import path_to_str
 
 L, D = 2, 8
@@ -217,8 +219,8 @@ def test_tiny_llama_zero_b_merge_and_gorp(llama):
         opt.update(model, grads)
 
     step(trained, opt, jax.random.key(0))
-    end_task(opt, 0.999)  # nnx.Optimizer updated in place: S grows, counts restart
-    grown = [u for _, u in shared_space(opt)]
+    map_opt_state(opt, lambda s: end_task(s, 0.999))  # in place: S grows, counts restart
+    grown = [u for _, u in shared_bases(opt_state_of(opt))]
     assert len(grown) == 3 and all(int(jnp.min(u)) >= 1 for u in grown)  # gate, 2 x lora_a
     assert int(opt.opt_state[0].count[...]) == 0
     step(trained, opt, jax.random.key(1))
