@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import optax
 
 from cljax.optim.galore import (
-    MomentsOnRefresh,
     RankSpec,
     ResolvedSide,
     Side,
@@ -25,11 +24,11 @@ from cljax.optim.galore import (
     refresh_projectors,
     resolve_rank,
     resolve_side,
-    resolve_targets,
     unzip_tree,
-    validate_common,
 )
-from cljax.optim.subspace import grow_basis, remove_basis
+from cljax.optim.gorp import _mask  # target resolution, unchanged
+from cljax.optim.shared_space import _grow_leaf  # the vmapped energy rule, unchanged
+from cljax.optim.subspace import remove_basis
 from cljax.paths import path_to_str
 
 
@@ -94,12 +93,6 @@ def _is_plan(x: Any) -> bool:
 
 def _empty(dtype: Any = jnp.float32) -> jax.Array:
     return jnp.zeros((0,), dtype)
-
-
-def _mask(params: Any, targets: TargetSpec, what: str) -> list[bool]:
-    if targets is None:
-        return [False] * len(jax.tree.leaves(params))
-    return jax.tree.leaves(resolve_targets(params, targets, what=what))
 
 
 def make_gorp_plans(
@@ -170,54 +163,29 @@ def _init_leaf(plan: GorpPlan, leaf: Any) -> tuple[jax.Array, ...]:
     return left, right, low, basis, used
 
 
-def scale_by_gorp(
-    rank: RankSpec,
-    update_proj_gap: int = 200,
-    scale: float = 1.0,
-    *,
-    full_targets: TargetSpec,
-    lora_a_targets: TargetSpec = None,
-    side: Side = "std",
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    eps_root: float = 0.0,
-    moments_on_refresh: MomentsOnRefresh = "keep",
-    use_shared_space: bool = True,
-    reproject_update: bool = False,
-    lora_basis_side: LoraBasisSide = "input",
-    max_tasks: int = 16,
-) -> optax.GradientTransformation:
-    """GORP's Adam direction (no learning rate, no weight decay).
+# the options and defaults of cljax.optim.gorp.scale_by_gorp (its docstring and argument
+# checks are left out here)
+_DEFAULTS = dict(
+    lora_a_targets=None, side="std", b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
+    moments_on_refresh="keep", use_shared_space=True, reproject_update=False,
+    lora_basis_side="input", max_tasks=16,
+)  # fmt: skip
 
-    Args:
-      rank: GaLore rank of the full targets (int or ``(path, shape) -> int``), in
-        ``[0, min(m, n)]``.
-      update_proj_gap, scale, side, moments_on_refresh: GaLore settings of the full
-        targets (see :func:`cljax.optim.galore.scale_by_galore`); ``side="full"`` is
-        rejected (no refresh-free side for ``S``).
-      full_targets: full weights to train through the projection (patterns, predicate
-        or mask; see :func:`cljax.optim.galore.resolve_targets`); None: none.
-      lora_a_targets: LoRA ``A`` factors ``(..., d_in, r)`` whose gradients exclude ``S``;
-        None: none.
-      b1, b2, eps, eps_root: Adam (GORP's runs use eps 1e-6).
-      use_shared_space: remove ``S`` from the gradients (False: the release as run,
-        where ``S`` was never loaded; no basis is allocated).
-      reproject_update: also remove ``S`` from Adam's output (exact orthogonality:
-        Adam's element-wise division does not preserve it).
-      lora_basis_side: input | rank (see the module docstring).
-      max_tasks: task ends the fixed-size basis must hold without truncation.
-    """
-    validate_common(side, update_proj_gap, moments_on_refresh)
-    if side == "full":
-        raise ValueError(
-            "side='full' projects both sides of W, so no side is free of projector "
-            "refreshes to hold the shared space; use std, reverse_std, left or right"
+
+def scale_by_gorp(
+    rank: RankSpec, update_proj_gap: int, scale: float, *, full_targets: TargetSpec, **options
+) -> optax.GradientTransformation:
+    o = {**_DEFAULTS, **options}
+    lora_a_targets, side, b1, b2, eps, eps_root = (
+        o[k] for k in ("lora_a_targets", "side", "b1", "b2", "eps", "eps_root")
+    )
+    moments_on_refresh, use_shared_space, reproject_update, lora_basis_side, max_tasks = (
+        o[k]
+        for k in (
+            "moments_on_refresh", "use_shared_space", "reproject_update", "lora_basis_side",
+            "max_tasks",
         )
-    if lora_basis_side not in ("input", "rank"):
-        raise ValueError(f"lora_basis_side={lora_basis_side!r}; valid: ('input', 'rank')")
-    if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
-        raise ValueError(f"max_tasks must be an int >= 1, got {max_tasks!r}")
+    )  # fmt: skip
     reset = moments_on_refresh == "reset"
 
     def plans_for(params):
@@ -292,19 +260,6 @@ def scale_by_gorp(
 # ----------------------------------------------------------------------------------
 # Task end: grow the shared space from Adam's first moment
 # ----------------------------------------------------------------------------------
-
-
-def _grow_leaf(moment: jax.Array, basis: jax.Array, used: jax.Array, threshold: jax.Array):
-    if basis.size == 0:
-        return basis, used
-    *lead, d, c = moment.shape
-    flat = jax.vmap(grow_basis, in_axes=(0, 0, 0, None))(
-        moment.reshape(-1, d, c),
-        basis.reshape(-1, d, basis.shape[-1]),
-        used.reshape(-1),
-        threshold,
-    )
-    return flat[0].reshape(basis.shape), flat[1].reshape(used.shape)
 
 
 @partial(jax.jit, static_argnames=("restart",))
