@@ -327,4 +327,5 @@ def test_sharded_generation_matches_and_shards_the_cache():
         graphdef, state = nnx.split(model)
         cache = jax.jit(lambda s: nnx.merge(graphdef, s).init_cache(8, 16))(state)
     assert got == expected
-    assert cache.k.sharding.spec[1] == ("data", "fsdp")  # (L, B, S, KV, Dh): rows split
+    assert len(cache.k) == model.cfg.num_hidden_layers
+    assert cache.k[0].sharding.spec[0] == ("data", "fsdp")  # (B, KV, S, Dh): rows split
