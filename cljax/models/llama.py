@@ -672,9 +672,7 @@ class Llama(nnx.Module):
         def body(layer: Block, x: jax.Array, _: Any) -> tuple[jax.Array, None]:
             return layer(x, rope, mask)[0], None
 
-        x, _ = scan_layers(
-            self.layers, body, x, unroll=self.cfg.scan_unroll, remat=self.cfg.remat
-        )
+        x, _ = scan_layers(self.layers, body, x, unroll=self.cfg.scan_unroll, remat=self.cfg.remat)
         return self.final_norm(x), None
 
     def logits(self, hidden: jax.Array) -> jax.Array:
