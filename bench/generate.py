@@ -13,7 +13,8 @@ to 1024 tokens, up to 128 new tokens, rows stopping at eos (an eos id chosen so 
 finish at different steps; both sides stop when every row has finished). ``bench_evaluate``
 times whole evaluations of the TRACE fixture (``tests/fixtures/trace``): cljax's
 ``evaluate_generate`` against transformers' ``generate`` + decoding + the same metric, in
-examples/s.
+examples/s. ``bench_prefill_attention`` isolates the attention of a 1024-token prefill
+against torch's fused kernel: what limits the free-text case.
 
     python bench/generate.py [--repeats 3] [--batch 16] [--new-tokens 32] [--torch-threads N]
 """
@@ -328,11 +329,53 @@ def bench_evaluate(batch: int, new_tokens: int, repeats: int) -> Result:
     )
 
 
+def bench_prefill_attention(batch: int, new_tokens: int, repeats: int) -> Result:
+    """The attention of a 1024-token prompt prefill, alone: cljax's chunked causal
+    ``attend_prefill`` (8 heads over 4 kv heads, head size 32) vs torch's fused
+    ``scaled_dot_product_attention`` (causal) on the same arrays. Counted in query
+    tokens per layer (the free-text case's prefill runs this once per layer); "same"
+    compares the outputs to 1e-4."""
+    import jax
+    import jax.numpy as jnp
+
+    from cljax.models.llama import attend_prefill
+
+    del new_tokens
+    t, heads, kv, dh = 1024, 8, 4, 32
+    rng = np.random.default_rng(2)
+    q, k, v = (rng.standard_normal((batch, t, n, dh), np.float32) for n in (heads, kv, kv))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (batch, t, t))
+    ours = jax.jit(attend_prefill)
+    args = tuple(map(jnp.asarray, (q, k, v)))
+    # torch: (B, H, T, Dh) with the kv heads repeated per group, as transformers does
+    tq = torch.from_numpy(q).transpose(1, 2)
+    tk, tv = (torch.from_numpy(x).transpose(1, 2).repeat_interleave(heads // kv, 1) for x in (k, v))
+
+    def run_cljax() -> np.ndarray:
+        return np.asarray(jax.block_until_ready(ours(*args, mask)))
+
+    def run_torch() -> np.ndarray:
+        with torch.no_grad():
+            out = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
+        return out.transpose(1, 2).reshape(batch, t, heads * dh).numpy()
+
+    same = np.allclose(run_cljax(), run_torch(), atol=1e-4)
+    cljax_seconds, hf_seconds = best_times([run_cljax, run_torch], repeats)
+    return Result(
+        f"prefill attention alone vs torch sdpa: batch {batch}, 1024 tokens, 8/4 heads of 32",
+        batch * t,
+        cljax_seconds,
+        hf_seconds,
+        bool(same),
+    )
+
+
 BENCHES: dict[str, Callable[[int, int, int], Result]] = {
     "llama": bench_llama,
     "t5": bench_t5,
     "free_text": bench_free_text,
     "evaluate": bench_evaluate,
+    "prefill_attention": bench_prefill_attention,
 }
 
 
