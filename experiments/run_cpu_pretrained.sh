@@ -28,10 +28,24 @@ mkdir -p "$results"
 times="$results/wall_times.tsv"
 [[ -f "$times" ]] || printf 'run\tseconds\n' >"$times"
 
+finished() {  # finished RUN_DIR: every phase of the run is evaluated (its plots exist
+    # from the first task on, so they cannot tell)
+    python3 - "$1/accuracy.json" <<'PY'
+import json, sys
+try:
+    record = json.load(open(sys.argv[1]))
+except OSError:
+    sys.exit(1)
+rows = record["accuracy"]
+phases = 1 if record["method"] == "mtl" else len(record["tasks"])
+sys.exit(0 if len(rows) == phases and None not in rows[-1] else 1)
+PY
+}
+
 one() {  # one() SEED METHOD: a run, timed, unless its directory says it finished
     local seed=$1 method=$2 name="${variant}-s$1-$2"
     shift 2
-    if [[ -f "$runs/$name/accuracy_matrix.png" ]]; then
+    if finished "$runs/$name"; then
         return
     fi
     local start=$SECONDS
@@ -51,7 +65,6 @@ if [[ -z ${COLLECT_ONLY:-} ]]; then
     done
 fi
 
-finished() { [[ -f "$1/accuracy_matrix.png" ]]; }
 for dir in "$runs/${variant}"-s*; do
     finished "$dir" || continue
     name=$(basename "$dir")
