@@ -297,6 +297,11 @@ def _coords_zeros(plan: LeafPlan, leaf: Any) -> jax.Array:
     return to_coords(jnp.zeros(low, jnp.float32), plan.side)
 
 
+def _rest_zeros(plan: LeafPlan, leaf: Any) -> jax.Array:
+    # zeros of the other leaves' shape, without materialising a float32 copy of them
+    return _empty() if plan.side is not None else jnp.zeros(jnp.shape(leaf), jnp.float32)
+
+
 def _rest(plan: LeafPlan, leaf: Any) -> jax.Array:
     return _empty() if plan.side is not None else jnp.asarray(leaf).astype(jnp.float32)
 
@@ -347,8 +352,7 @@ def scale_by_galore(
         per_leaf = jax.tree.map(_init_projectors, plans, params, is_leaf=_is_plan)
         left, right = unzip_tree(per_leaf, params, 2)
         low = jax.tree.map(_coords_zeros, plans, params, is_leaf=_is_plan)
-        rest = jax.tree.map(_rest, plans, params, is_leaf=_is_plan)
-        rest = jax.tree.map(jnp.zeros_like, rest)
+        rest = jax.tree.map(_rest_zeros, plans, params, is_leaf=_is_plan)
         return GaLoreState(
             jnp.zeros([], jnp.int32),
             left,
