@@ -9,7 +9,8 @@
 # accuracy files, seed 1's plots, the comparison tables and each run's wall time are
 # copied to experiments/results/cpu_pretrained/<variant>/.
 # Extra key=value arguments after the variant apply to every run (e.g. the base's path).
-# COLLECT_ONLY=1 skips the runs and collects the finished ones.
+# COLLECT_ONLY=1 skips the runs and collects the finished ones; METHODS=a,b,... runs only
+# those methods (in the script's order), SEEDS=1,2 only those seeds.
 set -euo pipefail
 
 variant=${1:?usage: run_cpu_pretrained.sh VARIANT [key=value ...]}
@@ -54,13 +55,17 @@ one() {  # one() SEED METHOD: a run, timed, unless its directory says it finishe
     printf '%s\t%d\n' "$name" $((SECONDS - start)) >>"$times"
 }
 
+chosen() {  # chosen SEED METHOD: SEEDS and METHODS are unset or name them
+    [[ -z ${SEEDS:-} || ,$SEEDS, == *,$1,* ]] && [[ -z ${METHODS:-} || ,$METHODS, == *,$2,* ]]
+}
+
 if [[ -z ${COLLECT_ONLY:-} ]]; then
     for method in ${all//,/ }; do
-        one 1 "$method" "$@"
+        chosen 1 "$method" && one 1 "$method" "$@"
     done
     for seed in 2 3; do
         for method in ${seeded//,/ }; do
-            one "$seed" "$method" "$@"
+            chosen "$seed" "$method" && one "$seed" "$method" "$@"
         done
     done
 fi
