@@ -156,9 +156,6 @@ def _run_greedy(
     rows = bucket_size(len(sequences), minimum=1)
     length = bucket_size(max(len(s) for s in sequences))
     ids, mask = left_pad(sequences, length, pad_token_id, rows)
-    # A constant-size eos array (padded with -1, never a token) keeps one compile.
-    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
-    eos_array[: len(eos)] = eos
     graphdef, state = nnx.split(model)
     ids, mask = _place_rows(ids, state), _place_rows(mask, state)
     tokens, lengths = greedy_fn(
@@ -167,13 +164,21 @@ def _run_greedy(
         ids,
         mask,
         jnp.int32(max_new_tokens),
-        jnp.asarray(eos_array),
+        jnp.asarray(_eos_array(eos)),
         capacity=bucket_size(max_new_tokens),
         pad_id=int(pad_token_id),
     )
     n = len(sequences)
     tokens = parallel.to_host(tokens)[:n, :max_new_tokens]
     return GenerationOutput(tokens=tokens, lengths=parallel.to_host(lengths)[:n])
+
+
+def _eos_array(eos: Sequence[int]) -> np.ndarray:
+    """The stop ids as a constant-size array (padded with -1, never a token), so that a
+    different number of stop ids does not recompile."""
+    eos_array = np.full((max(len(eos), 1),), -1, np.int32)
+    eos_array[: len(eos)] = eos
+    return eos_array
 
 
 def _place_rows(x: np.ndarray, state: nnx.State) -> jax.Array:
@@ -193,26 +198,33 @@ def _place_rows(x: np.ndarray, state: nnx.State) -> jax.Array:
 # ---------------------------------------------------------------------------------------
 
 
-@jax.jit(static_argnames=("graphdef", "capacity", "pad_id"))
-def _llama_greedy(
-    graphdef: nnx.GraphDef,
-    state: nnx.State,
-    ids: jax.Array,
+def _prefill(
+    model: DecoderOnly, ids: jax.Array, mask: jax.Array, extra_slots: int
+) -> tuple[Any, jax.Array]:
+    """ids, mask (B, P) left-padded -> a cache of P + ``extra_slots`` slots holding the
+    prompts' keys and values, and the first new token's logits (B, V)."""
+    batch, prompt_len = ids.shape
+    cache = model.init_cache(batch, prompt_len + extra_slots)
+    key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, extra_slots), bool)], axis=1)
+    hidden, cache = model.hidden_states(ids, positions_from_mask(mask), key_mask, cache, 0)
+    # Left padding puts every prompt's last token in the last prompt slot.
+    return cache, model.logits(hidden[:, -1])
+
+
+def _decode(
+    model: DecoderOnly,
+    cache: Any,
     mask: jax.Array,
+    first_logits: jax.Array,
     max_new_tokens: jax.Array,
     eos_ids: jax.Array,
-    *,
     capacity: int,
     pad_id: int,
 ) -> tuple[jax.Array, jax.Array]:
-    """ids, mask (B, P) left-padded -> tokens (B, capacity), lengths (B,)."""
-    model: DecoderOnly = nnx.merge(graphdef, state)
-    batch, prompt_len = ids.shape
-    cache = model.init_cache(batch, prompt_len + capacity)
+    """The greedy loop after a prefill: ``cache`` (P + capacity slots) holds the prompts
+    of mask (B, P); first_logits (B, V). -> tokens (B, capacity), lengths (B,)."""
+    batch, prompt_len = mask.shape
     key_mask = jnp.concatenate([mask.astype(bool), jnp.zeros((batch, capacity), bool)], axis=1)
-    hidden, cache = model.hidden_states(ids, positions_from_mask(mask), key_mask, cache, 0)
-    # Left padding puts every prompt's last token in the last prompt slot.
-    first_logits = model.logits(hidden[:, -1])
     next_position = jnp.sum(mask, axis=-1).astype(jnp.int32)
 
     def step(decoder_state, token, index):
@@ -234,6 +246,140 @@ def _llama_greedy(
     )
 
 
+@jax.jit(static_argnames=("graphdef", "capacity", "pad_id"))
+def _llama_greedy(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    ids: jax.Array,
+    mask: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    capacity: int,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """ids, mask (B, P) left-padded -> tokens (B, capacity), lengths (B,)."""
+    model: DecoderOnly = nnx.merge(graphdef, state)
+    cache, first_logits = _prefill(model, ids, mask, capacity)
+    return _decode(model, cache, mask, first_logits, max_new_tokens, eos_ids, capacity, pad_id)
+
+
+@jax.jit(static_argnames=("graphdef",))
+def _llama_prefill(
+    graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array
+) -> tuple[Any, jax.Array]:
+    """One length group's prefill (:func:`_prefill`, no extra slots)."""
+    return _prefill(nnx.merge(graphdef, state), ids, mask, 0)
+
+
+@jax.jit(static_argnames=("length", "capacity"))
+def _join_groups(caches: list[Any], *, length: int, capacity: int) -> Any:
+    """The groups' caches (each leaf (rows_g, KV, L_g, Dh)), in row order, as one batch
+    cache of ``length`` + ``capacity`` slots, each group's slots ending at ``length``."""
+
+    def join(*leaves: jax.Array) -> jax.Array:
+        slots = [(length - c.shape[2], capacity) for c in leaves]
+        return jnp.concatenate(
+            [jnp.pad(c, ((0, 0), (0, 0), s, (0, 0))) for c, s in zip(leaves, slots, strict=True)],
+            axis=0,
+        )
+
+    return jax.tree.map(join, *caches)
+
+
+@jax.jit(static_argnames=("graphdef", "capacity", "pad_id"))
+def _llama_decode(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    cache: Any,
+    mask: jax.Array,
+    first_logits: jax.Array,
+    max_new_tokens: jax.Array,
+    eos_ids: jax.Array,
+    *,
+    capacity: int,
+    pad_id: int,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`_decode` after grouped prefills."""
+    model: DecoderOnly = nnx.merge(graphdef, state)
+    return _decode(model, cache, mask, first_logits, max_new_tokens, eos_ids, capacity, pad_id)
+
+
+# A batch whose prompt lengths differ widely is prefilled in PREFILL_GROUPS groups of its
+# rows sorted by length, each padded to its own length bucket, when that cuts the padded
+# prompt tokens by at least PREFILL_MIN_SAVING (the free-text bench, 16 prompts of
+# 51..975 tokens: prefill 1944 -> 1233 ms; 2 groups saved as much as 4).
+PREFILL_GROUPS = 4
+PREFILL_MIN_SAVING = 0.25
+
+
+def prefill_groups(lengths: Sequence[int], rows: int) -> list[tuple[int, int]] | None:
+    """The length groups of a batch bucket of ``rows`` rows: ``lengths`` (ascending,
+    at most ``rows``) are its prompts, after ``rows - len(lengths)`` all-padding rows.
+    Returns [(first row, padded length)] of PREFILL_GROUPS equal groups, or None when
+    they would save less than PREFILL_MIN_SAVING of one prefill of the whole bucket."""
+    size = rows // PREFILL_GROUPS
+    if size < 1:
+        return None
+    full = [1] * (rows - len(lengths)) + list(lengths)
+    groups = [(first, bucket_size(full[first + size - 1])) for first in range(0, rows, size)]
+    whole = rows * bucket_size(full[-1])
+    if sum(size * length for _, length in groups) > (1 - PREFILL_MIN_SAVING) * whole:
+        return None
+    return groups
+
+
+def _grouped_llama_greedy(
+    model: DecoderOnly,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos: Sequence[int],
+    pad_token_id: int,
+) -> GenerationOutput | None:
+    """:func:`generate_llama` with the prompts prefilled in length groups
+    (:func:`prefill_groups`) and decoded as one batch; None when grouping does not pay
+    or the model is sharded over a mesh (its batch stays whole)."""
+    graphdef, state = nnx.split(model)
+    rows = bucket_size(len(prompts), minimum=1)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    ordered = [prompts[i] for i in order]
+    groups = prefill_groups([len(p) for p in ordered], rows)
+    if groups is None or parallel.array_mesh(state) is not None:
+        return None
+    length = bucket_size(len(ordered[-1]))
+    ids, mask = left_pad(ordered, length, pad_token_id, rows)
+    # the bucket's all-padding rows first, so each group holds prompts of similar length
+    padding = rows - len(prompts)
+    rows_in_order = np.r_[len(prompts) : rows, 0 : len(prompts)]
+    ids, mask = ids[rows_in_order], mask[rows_in_order]
+    size = rows // PREFILL_GROUPS
+    caches, logits = [], []
+    for first, group_length in groups:
+        part = slice(first, first + size), slice(length - group_length, length)
+        cache, first_logits = _llama_prefill(
+            graphdef, state, jnp.asarray(ids[part]), jnp.asarray(mask[part])
+        )
+        caches.append(cache)
+        logits.append(first_logits)
+    capacity = bucket_size(max_new_tokens)
+    tokens, lengths = _llama_decode(
+        graphdef,
+        state,
+        _join_groups(caches, length=length, capacity=capacity),
+        jnp.asarray(mask),
+        jnp.concatenate(logits, axis=0),
+        jnp.int32(max_new_tokens),
+        jnp.asarray(_eos_array(eos)),
+        capacity=capacity,
+        pad_id=int(pad_token_id),
+    )
+    out_tokens = np.empty((len(prompts), max_new_tokens), np.int32)
+    out_lengths = np.empty((len(prompts),), np.int32)
+    out_tokens[order] = parallel.to_host(tokens)[padding:, :max_new_tokens]
+    out_lengths[order] = parallel.to_host(lengths)[padding:]
+    return GenerationOutput(tokens=out_tokens, lengths=out_lengths)
+
+
 def generate_llama(
     model: DecoderOnly,
     prompts: Sequence[Sequence[int]],
@@ -247,7 +393,8 @@ def generate_llama(
     prompts: B lists of token ids (each non-empty; include bos yourself if wanted).
     eos_token_ids: stop tokens (default: the config's; ``()`` never stops early).
     pad_token_id: filler after eos (default: config pad, else first eos, else 0).
-    Batch, prompt length and ``max_new_tokens`` are bucketed (``bucket_size``).
+    Batch, prompt length and ``max_new_tokens`` are bucketed (``bucket_size``); prompts
+    of widely different lengths are prefilled in length groups (``prefill_groups``).
     """
     _check_request(prompts, max_new_tokens, "prompts")
     cfg = model.cfg
@@ -261,6 +408,9 @@ def generate_llama(
             f"longest prompt + max_new_tokens = {longest} tokens exceeds "
             f"max_position_embeddings {cfg.max_position_embeddings}"
         )
+    grouped = _grouped_llama_greedy(model, prompts, max_new_tokens, eos, pad_token_id)
+    if grouped is not None:
+        return grouped
     return _run_greedy(_llama_greedy, model, prompts, max_new_tokens, eos, pad_token_id)
 
 

@@ -451,18 +451,38 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Arr
 
 
 def attend_prefill(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 128
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, chunk: int = 64
 ) -> jax.Array:
     """:func:`attend` for T new tokens attending causally to themselves (a prefill), in
     query chunks that each read only the keys up to their own end: about half the
     work of the full (T, T) scores, and a (chunk, S) score block small enough to stay
-    in cache. q (B, T, H, Dh); k, v (B, T, KV, Dh); mask (B, T, T) -> (B, T, H * Dh)."""
-    t = q.shape[1]
+    in cache. q (B, T, H, Dh); k, v (B, T, KV, Dh); mask (B, T, T) -> (B, T, H * Dh).
+
+    Heads are moved before tokens once per layer, so that every chunk's products read
+    contiguous (T, Dh) matrices, and the softmax is written out (max, exp, sum,
+    divide): on XLA's CPU backend both measured faster than ``_attend`` per chunk and
+    ``jax.nn.softmax`` (1024-token prefill of 16 rows, 8 heads of 32: 361 -> 199 ms
+    per layer; torch's fused kernel 161 ms)."""
+    b, t, h, dh = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, dh).transpose(0, 2, 3, 1, 4)  # (B, KV, G, T, Dh)
+    k, v = (jnp.swapaxes(x, 1, 2) for x in (k, v))  # (B, KV, T, Dh)
+    bias = jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None]  # as masked_softmax
     outs = []
     for start in range(0, t, chunk):
         end = min(start + chunk, t)
-        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
-    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+        scores = jnp.einsum(
+            "bkgtd,bksd->bkgts",
+            q[:, :, :, start:end],
+            k[:, :, :end],
+            preferred_element_type=jnp.float32,
+        )
+        scores = scores * (1.0 / math.sqrt(dh)) + bias[..., start:end, :end]
+        probs = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        probs = (probs / jnp.sum(probs, axis=-1, keepdims=True)).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksd->bkgtd", probs, v[:, :, :end]))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
 
 def attend_cached(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

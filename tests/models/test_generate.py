@@ -97,6 +97,33 @@ def test_similar_batches_reuse_the_compiled_function(models, free_run):
     assert again.as_lists() == expected[:2]
 
 
+def test_prompts_of_wide_length_spread_are_prefilled_in_groups(models):
+    """Six prompts of 2..100 tokens (a bucket of 8 rows, two of them padding): the
+    grouped prefill runs, and every row gets transformers' tokens, in its own place,
+    stopping at eos as there."""
+    hf, model = models
+    prompts = prompts_of((60, 3, 100, 5, 40, 2), seed=3)
+    assert gen.prefill_groups(sorted(map(len, prompts)), 8) == [(0, 8), (2, 8), (4, 64), (6, 128)]
+    compiled = gen._llama_prefill._cache_size()
+    free = hf_greedy(hf, prompts, MAX_NEW, eos=-1)
+    out = gen.generate_llama(model, prompts, MAX_NEW, eos_token_ids=(), pad_token_id=PAD)
+    assert gen._llama_prefill._cache_size() > compiled
+    assert out.as_lists() == free
+    eos = free[2][3]
+    expected = hf_greedy(hf, prompts, MAX_NEW, eos=eos)
+    out = gen.generate_llama(model, prompts, MAX_NEW, eos_token_ids=(eos,), pad_token_id=PAD)
+    assert out.as_lists() == expected
+    np.testing.assert_array_equal(out.lengths, [len(r) for r in expected])
+
+
+def test_prefill_groups_only_when_they_pay():
+    assert gen.prefill_groups([10] * 16, 16) is None  # one length: one prefill
+    assert gen.prefill_groups([5, 900], 2) is None  # fewer rows than groups
+    assert gen.prefill_groups([10, 10, 10, 1000], 4) == [(0, 16), (1, 16), (2, 16), (3, 1024)]
+    # 3 of 4 rows long: 3/4 of the whole bucket's prefill, not worth a second compile
+    assert gen.prefill_groups([10, 1000, 1000, 1000], 4) is None
+
+
 def test_bucket_and_padding_helpers():
     assert [gen.bucket_size(n) for n in (1, 8, 9, 16, 17, 100)] == [8, 8, 16, 16, 32, 128]
     assert gen.bucket_size(3, minimum=1) == 4

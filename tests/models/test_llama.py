@@ -20,6 +20,8 @@ from cljax.models.layers import DTypePolicy, Linear, logical_axes
 from cljax.models.llama import (
     Llama,
     LlamaConfig,
+    attend,
+    attend_prefill,
     causal_lm_loss,
     positions_from_mask,
 )
@@ -355,3 +357,19 @@ def test_causal_lm_loss_scores_only_answer_tokens():
     np.testing.assert_allclose(float(causal_lm_loss(changed, labels, loss_mask)), float(loss))
     moved = causal_lm_loss(logits.at[0, 3].set(noise[0]), labels, loss_mask)
     assert abs(float(moved) - float(loss)) > 1e-3
+
+
+def test_chunked_prefill_attention_equals_full_attention():
+    """``attend_prefill`` (query chunks over the keys up to their end, heads first, the
+    softmax written out) gives ``attend``'s output over causal + left-padding masks:
+    150 tokens = two chunks of 64 and a partial one, 4 heads over 2 kv heads."""
+    rng = np.random.default_rng(0)
+    b, t, h, kv, dh = 3, 150, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, t, h, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, t, kv, dh)), jnp.float32) for _ in range(2))
+    starts = np.array([0, 37, 149])  # left padding per row
+    valid = np.arange(t)[None, :] >= starts[:, None]
+    mask = jnp.asarray(valid[:, None, :] & np.tril(np.ones((t, t), bool))[None])
+    full = np.asarray(attend(q, k, v, mask))
+    chunked = np.asarray(attend_prefill(q, k, v, mask))
+    np.testing.assert_allclose(chunked[valid], full[valid], atol=1e-5, rtol=1e-5)
