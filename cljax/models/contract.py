@@ -39,8 +39,14 @@ class DecoderOnly(Protocol):
         key_mask: jax.Array,
         cache: Any = None,
         cache_index: Any = 0,
+        layers: Any = None,
     ) -> tuple[jax.Array, Any]:
-        """Final-normed (B, T, D) hidden states, reading / writing a cache of S slots."""
+        """Final-normed (B, T, D) hidden states, reading / writing a cache of S slots;
+        with a cache, ``layers`` (from ``decoding_layers``) are the layers to run."""
+
+    def decoding_layers(self) -> Any:
+        """The layers as the cached path runs them, made once before a decoding loop
+        and passed to every step's ``hidden_states``."""
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """(..., D) -> (..., V) float32."""

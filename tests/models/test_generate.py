@@ -103,7 +103,12 @@ def test_prompts_of_wide_length_spread_are_prefilled_in_groups(models):
     stopping at eos as there."""
     hf, model = models
     prompts = prompts_of((60, 3, 100, 5, 40, 2), seed=3)
-    assert gen.prefill_groups(sorted(map(len, prompts)), 8) == [(0, 8), (2, 8), (4, 64), (6, 128)]
+    assert gen.prefill_groups(sorted(map(len, prompts)), 8) == [
+        *[(row, 8) for row in range(5)],
+        (5, 64),
+        (6, 64),
+        (7, 128),
+    ]
     compiled = gen._llama_prefill._cache_size()
     free = hf_greedy(hf, prompts, MAX_NEW, eos=-1)
     out = gen.generate_llama(model, prompts, MAX_NEW, eos_token_ids=(), pad_token_id=PAD)
@@ -118,8 +123,11 @@ def test_prompts_of_wide_length_spread_are_prefilled_in_groups(models):
 
 def test_prefill_groups_only_when_they_pay():
     assert gen.prefill_groups([10] * 16, 16) is None  # one length: one prefill
-    assert gen.prefill_groups([5, 900], 2) is None  # fewer rows than groups
+    assert gen.prefill_groups([900], 1) is None  # one row
+    assert gen.prefill_groups([5, 900], 2) == [(0, 8), (1, 1024)]  # one group per row
     assert gen.prefill_groups([10, 10, 10, 1000], 4) == [(0, 16), (1, 16), (2, 16), (3, 1024)]
+    assert gen.prefill_groups([10, 10, 300, 700], 4) == [(0, 16), (1, 16), (2, 384), (3, 768)]
+    assert [gen.group_length(n) for n in (3, 100, 128, 129, 700)] == [8, 128, 128, 256, 768]
     # 3 of 4 rows long: 3/4 of the whole bucket's prefill, not worth a second compile
     assert gen.prefill_groups([10, 1000, 1000, 1000], 4) is None
 
