@@ -9,7 +9,9 @@ then one token per ``lax.while_loop`` step until every row has produced an eos o
 Generic pieces, shared by model families: ``bucket_size``, ``left_pad``,
 ``greedy_loop`` (the loop over a ``step_fn``) and ``GenerationOutput``. Decoder-only
 LLaMA generation is ``generate_llama``; encoder-decoder T5 generation is
-``generate_t5``.
+``generate_t5``. A decoder-only batch whose prompts differ widely in length is
+prefilled in length groups (``prefill_groups``, each group its own compiled call) and
+then decoded as one batch.
 
 ``python -m cljax.models.generate --demo`` greedy-decodes a tiny random LLaMA.
 """
