@@ -14,7 +14,7 @@ finish at different steps; both sides stop when every row has finished). ``bench
 times whole evaluations of the TRACE fixture (``tests/fixtures/trace``): cljax's
 ``evaluate_generate`` against transformers' ``generate`` + decoding + the same metric, in
 examples/s. ``bench_prefill_attention`` isolates the attention of a 1024-token prefill
-against torch's fused kernel: what limits the free-text case.
+against torch's fused kernel, the largest part of the free-text case's prefill.
 
     python bench/generate.py [--repeats 3] [--batch 16] [--new-tokens 32] [--torch-threads N]
 """
