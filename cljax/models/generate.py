@@ -355,12 +355,14 @@ def _grouped_llama_greedy(
     """:func:`generate_llama` with the prompts prefilled in length groups
     (:func:`prefill_groups`) and decoded as one batch; None when grouping does not pay
     or the model is sharded over a mesh (its batch stays whole)."""
-    graphdef, state = nnx.split(model)
     rows = bucket_size(len(prompts), minimum=1)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     ordered = [prompts[i] for i in order]
     groups = prefill_groups([len(p) for p in ordered], rows)
-    if groups is None or parallel.array_mesh(state) is not None:
+    if groups is None:
+        return None
+    graphdef, state = nnx.split(model)
+    if parallel.array_mesh(state) is not None:
         return None
     length = bucket_size(len(ordered[-1]))
     ids, mask = left_pad(ordered, length, pad_token_id, rows)
