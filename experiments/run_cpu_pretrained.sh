@@ -7,7 +7,8 @@
 # O-LoRA and MTL. The runs land in runs/cpu_pretrained/<variant>-s<seed>-<method>
 # (rerunning the script resumes an interrupted run and skips finished ones); their
 # accuracy files, seed 1's plots, the comparison tables and each run's wall time are
-# copied to experiments/results/cpu_pretrained/<variant>/.
+# copied to experiments/results/cpu_pretrained/<variant>/, and the tables are made from
+# those copies.
 # Extra key=value arguments after the variant apply to every run (e.g. the base's path).
 # COLLECT_ONLY=1 skips the runs and collects the finished ones; METHODS=a,b,... runs only
 # those methods (in the script's order), SEEDS=1,2 only those seeds.
@@ -79,18 +80,20 @@ for dir in "$runs/${variant}"-s*; do
         cp "$dir"/accuracy_matrix.png "$results/$name/"
     fi
 done
+# The tables are built from the collected copies, so runs collected on another machine
+# (whose runs/ is gone) still count.
 seed1=()
 for method in ${table//,/ }; do
-    if finished "$runs/${variant}-s1-$method"; then
-        seed1+=("$runs/${variant}-s1-$method")
+    if finished "$results/${variant}-s1-$method"; then
+        seed1+=("$results/${variant}-s1-$method")
     fi
 done
 "$cljax" compare --plot "$results/compare.png" "${seed1[@]}" >"$results/seed1.md"
 seeds=()
 for method in ${table//,/ }; do
     for seed in 1 2 3; do
-        if finished "$runs/${variant}-s$seed-$method"; then
-            seeds+=("$runs/${variant}-s$seed-$method")
+        if finished "$results/${variant}-s$seed-$method"; then
+            seeds+=("$results/${variant}-s$seed-$method")
         fi
     done
 done
